@@ -1,0 +1,178 @@
+//! App: the one place that wires the components together and supervises them.
+//!
+//! Role: open the store, bind the socket, start every long-running task,
+//! wait for a signal or for a task to end, then shut down in order.
+//!
+//! Shutdown order, and why:
+//! 1. cancel the shared token: the submit server stops accepting and removes
+//!    its socket file; connections answer what they already read;
+//! 2. wait for the tasks, at most [`DRAIN_TIMEOUT`]; a task still running
+//!    then is named in the log and abandoned (the table is the truth: what
+//!    it held is redone at the next start);
+//! 3. close the store last, so every answer the connections still owe can
+//!    be committed first.
+//!
+//! A second SIGTERM/SIGINT exits at once. Any task that ends with an error
+//! ends the agent with that error (exit 1), after the same orderly shutdown.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, LogFormat};
+use crate::status::{BrokerState, StatusReport};
+use crate::store::{Store, StoreError};
+use crate::submit::{StatusSource, SubmitError, SubmitServer, SubmitSocket};
+
+/// How long tasks get to finish after shutdown begins.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("task {task} failed: {message}")]
+    Task { task: &'static str, message: String },
+}
+
+type TaskResult = (&'static str, Result<(), String>);
+
+/// Runs the agent until SIGTERM/SIGINT or a task failure.
+pub async fn run(config: Config) -> Result<(), AppError> {
+    let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+
+    let store = {
+        let store_config = config.store.clone();
+        tokio::task::spawn_blocking(move || Store::open(&store_config))
+            .await
+            .map_err(|e| AppError::Task {
+                task: "store-open",
+                message: e.to_string(),
+            })??
+    };
+    let socket = match SubmitSocket::bind(&config.submit) {
+        Ok(socket) => socket,
+        Err(e) => {
+            store.close().await;
+            return Err(e.into());
+        }
+    };
+    tracing::info!(
+        socket = %socket.path().display(),
+        database = %config.store.path.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "edge-outbox ready"
+    );
+
+    let broker = BrokerState::default();
+    let shutdown = CancellationToken::new();
+    let mut tasks: JoinSet<TaskResult> = JoinSet::new();
+
+    let status_source: StatusSource = {
+        let reader = store.reader().clone();
+        let broker = broker.clone();
+        std::sync::Arc::new(move || {
+            StatusReport::collect(&reader, Some(&broker))
+                .map_err(|e| e.to_string())
+                .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
+        })
+    };
+    let server = SubmitServer::new(socket, config.submit.clone(), store.clone(), status_source);
+    spawn(&mut tasks, "submit", server.run(shutdown.clone()));
+
+    let mut failure = None;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+        _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+        Some(ended) = tasks.join_next() => failure = task_failure(ended),
+    }
+    shutdown.cancel();
+    // A second signal means "now".
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {},
+            _ = interrupt.recv() => {},
+        }
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(1);
+    });
+
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while let Some(ended) = tasks.join_next().await {
+            if let Some(e) = task_failure(ended) {
+                failure.get_or_insert(e);
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            tasks = tasks.len(),
+            "tasks still running after the drain timeout; abandoning them"
+        );
+        tasks.abort_all();
+    }
+    store.close().await;
+    tracing::info!("edge-outbox stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn spawn<E: std::fmt::Display>(
+    tasks: &mut JoinSet<TaskResult>,
+    name: &'static str,
+    task: impl Future<Output = Result<(), E>> + Send + 'static,
+) {
+    tasks.spawn(async move {
+        tracing::debug!(task = name, "task started");
+        (name, task.await.map_err(|e| e.to_string()))
+    });
+}
+
+fn task_failure(ended: Result<TaskResult, tokio::task::JoinError>) -> Option<AppError> {
+    match ended {
+        Ok((task, Ok(()))) => {
+            tracing::debug!(task, "task finished");
+            None
+        }
+        Ok((task, Err(message))) => {
+            tracing::error!(task, error = %message, "task failed");
+            Some(AppError::Task { task, message })
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "task panicked");
+            Some(AppError::Task {
+                task: "unknown",
+                message: e.to_string(),
+            })
+        }
+    }
+}
+
+/// Sets up `tracing` for the agent: `RUST_LOG` wins over `log.level`; plain
+/// lines without timestamps under journald (it stamps them), JSON on request.
+pub fn init_logging(config: &crate::config::LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let _ = match (config.format, under_journald) {
+        (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
+        (LogFormat::Auto, true) => builder.without_time().with_ansi(false).try_init(),
+        (LogFormat::Auto, false) => builder.try_init(),
+    };
+}

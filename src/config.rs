@@ -1,0 +1,739 @@
+//! Configuration: the typed tree of `../shared/SPEC.md` "Configuration".
+//!
+//! Role: turn a TOML file (from `-c FILE` or `EDGE_OUTBOX_CONFIG`), plus
+//! `EDGE_OUTBOX_<SECTION>_<KEY>` environment overrides, into one validated
+//! [`Config`]. Every key is optional; the defaults are the spec's.
+//!
+//! Layers, lowest first: built-in defaults, the file, the environment.
+//! Each component later receives only its own section.
+//!
+//! Invariants:
+//! - Unknown keys are an error, in the file and in the environment (for the
+//!   known sections): a typo never silently falls back to a default.
+//! - Every error names the key it is about (`publish.max_in_flight: ...`).
+//! - A [`Config`] that left [`load`] is valid: components do not re-check it.
+//! - Passwords never appear in `Debug` output or error messages
+//!   ([`redact_url`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Environment variable naming the configuration file when `-c` is absent.
+pub const CONFIG_ENV: &str = "EDGE_OUTBOX_CONFIG";
+const ENV_PREFIX: &str = "EDGE_OUTBOX_";
+
+/// A configuration that cannot be used. Its `Display` names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{key}: {message}{}", origin_suffix(origin))]
+    Invalid {
+        key: String,
+        message: String,
+        origin: Option<String>,
+    },
+}
+
+fn origin_suffix(origin: &Option<String>) -> String {
+    origin
+        .as_ref()
+        .map(|o| format!(" (from {o})"))
+        .unwrap_or_default()
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+        origin: None,
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub submit: SubmitConfig,
+    pub broker: BrokerConfig,
+    pub publish: PublishConfig,
+    pub consumer: ConsumerConfig,
+    pub purge: PurgeConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Every commit is synced: survives a power cut.
+    Full,
+    /// WAL sync at checkpoints only: survives a crash of the agent, not a power cut.
+    Normal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    /// Status-0 rows past which a submit is refused with `buffer_full`.
+    pub max_pending: u64,
+    /// Database size past which a submit is refused with `storage_full`.
+    pub max_db_size: ByteSize,
+    /// Free space on the database's filesystem below which a submit is refused.
+    pub min_free_disk: ByteSize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("edge-outbox.db"),
+            synchronous: Synchronous::Full,
+            max_pending: 1_000_000,
+            max_db_size: ByteSize::gib(2),
+            min_free_disk: ByteSize::mib(64),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubmitConfig {
+    pub socket: PathBuf,
+    /// Octal file mode of the socket, as a string ("0660").
+    pub socket_mode: String,
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+    /// Largest decoded body accepted.
+    pub max_message_size: ByteSize,
+    pub max_connections: usize,
+    /// A connection that sends no complete line for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for SubmitConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("edge-outbox.sock"),
+            socket_mode: "0660".into(),
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            max_message_size: ByteSize::mib(1),
+            max_connections: 1024,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl SubmitConfig {
+    /// The socket mode as bits; valid after [`load`].
+    pub fn socket_mode_bits(&self) -> u32 {
+        u32::from_str_radix(&self.socket_mode, 8).unwrap_or(0o660)
+    }
+
+    /// Longest request line accepted. A JSON string may escape every byte of
+    /// the body (`\u0000` is six bytes for one), base64 takes 4/3: six times
+    /// the body plus room for the other fields covers every valid request.
+    pub fn max_line_length(&self) -> usize {
+        let body = usize::try_from(self.max_message_size.as_u64()).unwrap_or(usize::MAX / 8);
+        body.saturating_mul(6).saturating_add(64 * 1024)
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    pub urls: Vec<String>,
+    /// A file whose content replaces the URLs' password (systemd credentials).
+    pub password_file: PathBuf,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub tls_ca_file: PathBuf,
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+}
+
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("BrokerConfig")
+            .field("urls", &urls)
+            .field("password_file", &self.password_file)
+            .field("heartbeat", &self.heartbeat)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .finish()
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()],
+            password_file: PathBuf::new(),
+            heartbeat: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            tls_ca_file: PathBuf::new(),
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    pub max_in_flight: usize,
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub resend_every: Duration,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 256,
+            confirm_timeout: Duration::from_secs(30),
+            max_attempts: 4,
+            retry_interval: Duration::from_secs(60),
+            resend_every: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerKind {
+    Record,
+    Exec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    pub exchange: String,
+    #[serde(default = "default_exchange_type")]
+    pub exchange_type: String,
+    #[serde(default)]
+    pub routing_key: String,
+}
+
+fn default_exchange_type() -> String {
+    "direct".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    pub queue: String,
+    pub queue_type: QueueType,
+    pub bindings: Vec<Binding>,
+    pub prefetch: u16,
+    pub handler: HandlerKind,
+    pub exec: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Duration,
+    pub max_attempts: u32,
+    pub dead_letter_exchange: String,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            queue: String::new(),
+            queue_type: QueueType::Classic,
+            bindings: Vec::new(),
+            prefetch: 1,
+            handler: HandlerKind::Record,
+            exec: Vec::new(),
+            handler_timeout: Duration::from_secs(30),
+            max_attempts: 2,
+            dead_letter_exchange: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PurgeConfig {
+    /// Local time of day, "HH:MM".
+    pub at: String,
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    #[serde(with = "humantime_serde")]
+    pub failed_retention: Duration,
+    pub batch_size: u32,
+}
+
+impl Default for PurgeConfig {
+    fn default() -> Self {
+        Self {
+            at: "03:00".into(),
+            retention: Duration::from_secs(30 * 86_400),
+            failed_retention: Duration::from_secs(90 * 86_400),
+            batch_size: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to serve `/metrics` on; empty: no metrics endpoint.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+/// Loads the configuration: `file` (or `EDGE_OUTBOX_CONFIG`, or nothing),
+/// then the process environment's overrides, then validation.
+pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let from_env = env
+        .iter()
+        .find(|(k, _)| k == CONFIG_ENV)
+        .map(|(_, v)| PathBuf::from(v))
+        .filter(|p| !p.as_os_str().is_empty());
+    let path = file.map(Path::to_path_buf).or(from_env);
+    let text = match &path {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let origin = path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "defaults".into());
+    load_from(text.as_deref(), &origin, &env)
+}
+
+/// [`load`] without touching the filesystem or the process environment.
+pub fn load_from(
+    text: Option<&str>,
+    origin: &str,
+    env: &[(String, String)],
+) -> Result<Config, ConfigError> {
+    let mut table: toml::Table = match text {
+        Some(t) => toml::from_str(t).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?,
+        None => toml::Table::new(),
+    };
+    // Deserialize the file alone first, so its errors name the file.
+    from_table(table.clone(), Some(origin))?;
+    let sources = apply_env(&mut table, env)?;
+    let config = from_table(table, None).map_err(|e| attribute_to_env(e, &sources))?;
+    config.validate()?;
+    Ok(config)
+}
+
+fn from_table(table: toml::Table, origin: Option<&str>) -> Result<Config, ConfigError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        ConfigError::Invalid {
+            key: e.path().to_string(),
+            message: e.inner().to_string(),
+            origin: origin.map(str::to_string),
+        }
+    })
+}
+
+fn attribute_to_env(e: ConfigError, sources: &BTreeMap<String, String>) -> ConfigError {
+    match e {
+        ConfigError::Invalid { key, message, .. } => {
+            let origin = sources.get(&key).cloned();
+            ConfigError::Invalid {
+                key,
+                message,
+                origin,
+            }
+        }
+        other => other,
+    }
+}
+
+/// Merges `EDGE_OUTBOX_<SECTION>_<KEY>` variables into `table`. Returns which
+/// variable set which key, for error messages. Variables whose section is not
+/// one of ours (the exec handler's `EDGE_OUTBOX_MESSAGE_ID`, say) are not ours.
+fn apply_env(
+    table: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let defaults = match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    };
+    let mut sources = BTreeMap::new();
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let Some((section, default_section)) = defaults
+            .iter()
+            .find(|(s, _)| rest.starts_with(&format!("{s}_")))
+        else {
+            continue;
+        };
+        let key = &rest[section.len() + 1..];
+        let keys = default_section.as_table();
+        let Some(default_value) = keys.and_then(|t| t.get(key)) else {
+            return Err(ConfigError::Invalid {
+                key: format!("{section}.{key}"),
+                message: "unknown key".into(),
+                origin: Some(name.clone()),
+            });
+        };
+        let value = env_value(raw, default_value);
+        let entry = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry.as_table_mut() {
+            Some(t) => {
+                t.insert(key.to_string(), value);
+            }
+            None => return Err(invalid(section, "must be a table")),
+        }
+        sources.insert(format!("{section}.{key}"), name.clone());
+    }
+    Ok(sources)
+}
+
+/// An environment value is TOML when it parses as the key's kind of value,
+/// else a plain string (a list key takes a comma-separated list).
+fn env_value(raw: &str, default: &toml::Value) -> toml::Value {
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    match (parsed, default) {
+        (Some(v), d) if v.same_type(d) => v,
+        (_, toml::Value::Array(_)) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+        (Some(v), _) if !matches!(v, toml::Value::String(_)) && !default.is_str() => v,
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+impl Config {
+    /// Checks what types alone cannot say; every error names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", "must not be empty"));
+        }
+        if self.store.max_pending == 0 {
+            return Err(invalid("store.max_pending", "must be at least 1"));
+        }
+        let s = &self.submit;
+        if s.socket.as_os_str().is_empty() {
+            return Err(invalid("submit.socket", "must not be empty"));
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        if s.socket.as_os_str().len() > 107 {
+            return Err(invalid(
+                "submit.socket",
+                "path is longer than the 107 bytes a Unix socket path may have",
+            ));
+        }
+        match u32::from_str_radix(&s.socket_mode, 8) {
+            Ok(m) if m <= 0o777 => {}
+            _ => {
+                return Err(invalid(
+                    "submit.socket_mode",
+                    format!("{:?} is not an octal file mode like \"0660\"", s.socket_mode),
+                ))
+            }
+        }
+        if s.max_message_size.as_u64() == 0 {
+            return Err(invalid("submit.max_message_size", "must be at least 1 byte"));
+        }
+        if s.max_message_size.as_u64() > 128 * 1024 * 1024 {
+            return Err(invalid(
+                "submit.max_message_size",
+                "must be at most 128MiB (RabbitMQ's own limit is lower: 16MiB by default)",
+            ));
+        }
+        if s.max_connections == 0 {
+            return Err(invalid("submit.max_connections", "must be at least 1"));
+        }
+        if s.idle_timeout.is_zero() {
+            return Err(invalid("submit.idle_timeout", "must be more than 0"));
+        }
+        let b = &self.broker;
+        if b.urls.is_empty() {
+            return Err(invalid("broker.urls", "must name at least one broker"));
+        }
+        for (i, url) in b.urls.iter().enumerate() {
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return Err(invalid(
+                    &format!("broker.urls[{i}]"),
+                    format!("{} is not an amqp:// or amqps:// URL", redact_url(url)),
+                ));
+            }
+        }
+        if b.heartbeat.as_secs() > u64::from(u16::MAX) {
+            return Err(invalid("broker.heartbeat", "must be at most 65535s"));
+        }
+        if b.connect_timeout.is_zero() {
+            return Err(invalid("broker.connect_timeout", "must be more than 0"));
+        }
+        let p = &self.publish;
+        if p.max_in_flight == 0 {
+            return Err(invalid("publish.max_in_flight", "must be at least 1"));
+        }
+        if p.max_attempts == 0 {
+            return Err(invalid("publish.max_attempts", "must be at least 1"));
+        }
+        if p.confirm_timeout.is_zero() {
+            return Err(invalid("publish.confirm_timeout", "must be more than 0"));
+        }
+        if p.resend_every.is_zero() {
+            return Err(invalid("publish.resend_every", "must be more than 0"));
+        }
+        let c = &self.consumer;
+        if c.prefetch == 0 {
+            return Err(invalid("consumer.prefetch", "must be at least 1"));
+        }
+        if c.max_attempts == 0 {
+            return Err(invalid("consumer.max_attempts", "must be at least 1"));
+        }
+        if c.handler == HandlerKind::Exec && c.exec.is_empty() {
+            return Err(invalid(
+                "consumer.exec",
+                "handler = \"exec\" needs the command to run, e.g. [\"/usr/bin/handler\", \"--flag\"]",
+            ));
+        }
+        if c.handler_timeout.is_zero() {
+            return Err(invalid("consumer.handler_timeout", "must be more than 0"));
+        }
+        for (i, binding) in c.bindings.iter().enumerate() {
+            if !matches!(
+                binding.exchange_type.as_str(),
+                "direct" | "fanout" | "topic" | "headers"
+            ) {
+                return Err(invalid(
+                    &format!("consumer.bindings[{i}].exchange_type"),
+                    format!(
+                        "{:?} is not one of direct, fanout, topic, headers",
+                        binding.exchange_type
+                    ),
+                ));
+            }
+        }
+        parse_time_of_day(&self.purge.at).map_err(|m| invalid("purge.at", m))?;
+        if self.purge.batch_size == 0 {
+            return Err(invalid("purge.batch_size", "must be at least 1"));
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "{:?} is not an address like \"127.0.0.1:9464\"",
+                    self.metrics.listen
+                ),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{:?} is not a level (error, warn, info, debug, trace) or filter",
+                    self.log.level
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses "HH:MM" into minutes after midnight.
+pub fn parse_time_of_day(s: &str) -> Result<u32, String> {
+    let bad = || format!("{s:?} is not a time of day like \"03:00\"");
+    let (h, m) = s.split_once(':').ok_or_else(bad)?;
+    let h: u32 = h.parse().map_err(|_| bad())?;
+    let m: u32 = m.parse().map_err(|_| bad())?;
+    if h > 23 || m > 59 {
+        return Err(bad());
+    }
+    Ok(h * 60 + m)
+}
+
+/// `url` with its password replaced by `***`, for logs, errors and status.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                format!("{scheme}://{user}@{host}{tail}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = load_from(None, "defaults", &[]).unwrap();
+        assert_eq!(c.store.path, PathBuf::from("edge-outbox.db"));
+        assert_eq!(c.store.synchronous, Synchronous::Full);
+        assert_eq!(c.store.max_db_size, ByteSize::gib(2));
+        assert_eq!(c.submit.socket_mode_bits(), 0o660);
+        assert_eq!(c.publish.max_in_flight, 256);
+        assert_eq!(c.publish.retry_interval, Duration::from_secs(60));
+        assert_eq!(c.purge.retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.consumer.max_attempts, 2);
+    }
+
+    #[test]
+    fn file_values_and_human_units() {
+        let c = load_from(
+            Some("[store]\nmax_db_size = \"10MiB\"\n[publish]\nconfirm_timeout = \"500ms\"\n[purge]\nretention = \"7d\"\n"),
+            "test.toml",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.store.max_db_size, ByteSize::mib(10));
+        assert_eq!(c.publish.confirm_timeout, Duration::from_millis(500));
+        assert_eq!(c.purge.retention, Duration::from_secs(7 * 86_400));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = load_from(Some("[store]\npaht = \"x\"\n"), "f.toml", &[]).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("paht"), "{msg}");
+        let e = load_from(Some("[stroe]\n"), "f.toml", &[]).unwrap_err();
+        assert!(e.to_string().contains("stroe"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = load_from(Some("[publish]\nmax_in_flight = 0\n"), "f", &[]).unwrap_err();
+        assert!(e.to_string().starts_with("publish.max_in_flight"), "{e}");
+        let e = load_from(Some("[publish]\nconfirm_timeout = \"soon\"\n"), "f", &[]).unwrap_err();
+        assert!(e.to_string().contains("publish.confirm_timeout"), "{e}");
+        let e = load_from(Some("[submit]\nsocket_mode = \"999\"\n"), "f", &[]).unwrap_err();
+        assert!(e.to_string().contains("submit.socket_mode"), "{e}");
+        let e = load_from(Some("[store]\nsynchronous = \"off\"\n"), "f", &[]).unwrap_err();
+        assert!(e.to_string().contains("store.synchronous"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_single_keys() {
+        let c = load_from(
+            Some("[publish]\nmax_in_flight = 10\n"),
+            "f",
+            &env(&[
+                ("EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT", "20"),
+                ("EDGE_OUTBOX_STORE_PATH", "/tmp/x.db"),
+                ("EDGE_OUTBOX_BROKER_URLS", "amqp://a:b@h1/%2f, amqp://h2"),
+                ("EDGE_OUTBOX_MESSAGE_ID", "not ours"),
+                ("EDGE_OUTBOX_SUBMIT_MAX_MESSAGE_SIZE", "2MiB"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.publish.max_in_flight, 20);
+        assert_eq!(c.store.path, PathBuf::from("/tmp/x.db"));
+        assert_eq!(c.broker.urls.len(), 2);
+        assert_eq!(c.submit.max_message_size, ByteSize::mib(2));
+        let e = load_from(None, "d", &env(&[("EDGE_OUTBOX_STORE_PAHT", "x")])).unwrap_err();
+        assert!(e.to_string().contains("EDGE_OUTBOX_STORE_PAHT"), "{e}");
+        let e = load_from(None, "d", &env(&[("EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT", "many")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("publish.max_in_flight"), "{e}");
+        assert!(e.to_string().contains("EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT"), "{e}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://host/vh"), "amqp://host/vh");
+        let c = Config::default();
+        assert!(!format!("{c:?}").contains("guest:guest"));
+    }
+
+    #[test]
+    fn time_of_day() {
+        assert_eq!(parse_time_of_day("03:00"), Ok(180));
+        assert!(parse_time_of_day("24:00").is_err());
+        assert!(parse_time_of_day("3").is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! edge-outbox: a store-and-forward agent for edge hosts.
+//!
+//! Local programs hand messages to the agent over a Unix socket; the agent
+//! commits each one to the SQLite table `msg_log` before it answers, then
+//! forwards the table to RabbitMQ. The contract (names, protocol, schema,
+//! statuses, configuration, CLI) is `SPEC.md`; this crate is its one
+//! implementation.
+//!
+//! Layout, one module per concept:
+//! - [`config`]: the typed, validated configuration (file, environment, defaults);
+//! - [`store`]: `msg_log`: all SQL, the group-commit writer, the reader pool;
+//! - [`submit`]: the Unix-socket protocol server;
+//! - [`status`]: the status report shared by the socket and the CLI;
+//! - [`app`]: the only module that wires components together and supervises them;
+//! - [`cli`]: the command line.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod status;
+pub mod store;
+pub mod submit;
