@@ -168,11 +168,12 @@ pub fn init_logging(config: &crate::config::LogConfig) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let _ = match (config.format, under_journald) {
         (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
-        (LogFormat::Auto, true) => builder.without_time().with_ansi(false).try_init(),
+        (LogFormat::Auto, true) => builder.without_time().try_init(),
         (LogFormat::Auto, false) => builder.try_init(),
     };
 }
