@@ -23,6 +23,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, LogFormat};
+use crate::publish::{broker_targets, Forwarder, PublishError};
+use crate::resend::Resend;
 use crate::status::{BrokerState, StatusReport};
 use crate::store::{Store, StoreError};
 use crate::submit::{StatusSource, SubmitError, SubmitServer, SubmitSocket};
@@ -36,6 +38,8 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Submit(#[from] SubmitError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("task {task} failed: {message}")]
@@ -49,6 +53,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
+    let targets = broker_targets(&config.broker)?;
     let store = {
         let store_config = config.store.clone();
         tokio::task::spawn_blocking(move || Store::open(&store_config))
@@ -87,6 +92,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     };
     let server = SubmitServer::new(socket, config.submit.clone(), store.clone(), status_source);
     spawn(&mut tasks, "submit", server.run(shutdown.clone()));
+    let (forwarder, passes) = Forwarder::new(
+        config.publish.clone(),
+        config.broker.clone(),
+        targets,
+        store.clone(),
+        broker.clone(),
+    );
+    spawn(&mut tasks, "publish", forwarder.run(shutdown.clone()));
+    let resend = Resend::new(config.publish.resend_every, passes);
+    spawn(&mut tasks, "resend", resend.run(shutdown.clone()));
 
     let mut failure = None;
     tokio::select! {
@@ -163,8 +178,10 @@ fn task_failure(ended: Result<TaskResult, tokio::task::JoinError>) -> Option<App
 /// lines without timestamps under journald (it stamps them), JSON on request.
 pub fn init_logging(config: &crate::config::LogConfig) {
     use tracing_subscriber::EnvFilter;
+    // lapin reports every returned message and channel close on its own;
+    // the forwarder logs them once, with the message id.
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.level))
+        .or_else(|_| EnvFilter::try_new(format!("{},lapin=error", config.level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

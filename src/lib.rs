@@ -10,6 +10,8 @@
 //! - [`config`]: the typed, validated configuration (file, environment, defaults);
 //! - [`store`]: `msg_log`: all SQL, the group-commit writer, the reader pool;
 //! - [`submit`]: the Unix-socket protocol server;
+//! - [`publish`]: the forwarder to RabbitMQ: connection, confirms, outcomes;
+//! - [`resend`]: what is due next (the backlog walk) and the periodic pass;
 //! - [`status`]: the status report shared by the socket and the CLI;
 //! - [`app`]: the only module that wires components together and supervises them;
 //! - [`cli`]: the command line.
@@ -17,6 +19,8 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod publish;
+pub mod resend;
 pub mod status;
 pub mod store;
 pub mod submit;

@@ -201,7 +201,44 @@ enum WriteRequest {
         message: NewMessage,
         reply: oneshot::Sender<Result<Inserted, StoreError>>,
     },
+    Outcomes {
+        outcomes: Vec<PublishOutcome>,
+        policy: RetryPolicy,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     Stop,
+}
+
+/// What one publish attempt of a row came to, as the store records it.
+/// ("Unknown" outcomes are not recorded: the row simply stays due.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// Broker ack without a return: status 0 → 1.
+    Delivered { id: String },
+    /// Nack, return, channel closed because of it, or a confirm timeout on a
+    /// live connection: one failed attempt.
+    Rejected { id: String, error: String },
+}
+
+/// How failed attempts are spaced and when they end (from `[publish]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub retry_interval_ms: i64,
+}
+
+/// A row due for publishing, as the forwarder reads it.
+#[derive(Debug, Clone)]
+pub struct OutgoingRow {
+    /// Insertion order: the backlog cursor.
+    pub rowid: i64,
+    pub id: String,
+    pub body: Vec<u8>,
+    pub exchange: String,
+    pub routing_key: String,
+    pub headers: Option<String>,
+    pub content_type: Option<String>,
+    pub create_time: Option<i64>,
 }
 
 /// The agent's handle on the database: the writer's channel and the readers.
@@ -350,7 +387,26 @@ impl Store {
             .send(WriteRequest::Insert { message, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
-        Ok(PendingInsert(answer))
+        Ok(Pending(answer))
+    }
+
+    /// Hands publish outcomes to the writer; the answer resolves after their
+    /// commit (they share group commits with the submits).
+    pub async fn record_outcomes(
+        &self,
+        outcomes: Vec<PublishOutcome>,
+        policy: RetryPolicy,
+    ) -> Result<Pending<()>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(WriteRequest::Outcomes {
+                outcomes,
+                policy,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(Pending(answer))
     }
 
     /// Notified after every commit that stored new rows: the forwarder's cue.
@@ -373,11 +429,14 @@ impl Store {
     }
 }
 
-/// The answer to an [`Store::enqueue_insert`]: resolves after the commit.
-pub struct PendingInsert(oneshot::Receiver<Result<Inserted, StoreError>>);
+/// A write's answer: resolves after the commit that holds it.
+pub struct Pending<T>(oneshot::Receiver<Result<T, StoreError>>);
 
-impl std::future::Future for PendingInsert {
-    type Output = Result<Inserted, StoreError>;
+/// The answer to an [`Store::enqueue_insert`].
+pub type PendingInsert = Pending<Inserted>;
+
+impl<T> std::future::Future for Pending<T> {
+    type Output = Result<T, StoreError>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
@@ -405,7 +464,46 @@ struct Writer {
 /// A request's answer, held until its group's COMMIT returns.
 enum Reply {
     Insert(oneshot::Sender<Result<Inserted, StoreError>>, Result<Inserted, StoreError>),
+    Outcomes(oneshot::Sender<Result<(), StoreError>>),
 }
+
+impl Reply {
+    /// Sends the answer: the request's own on success, the group's error else.
+    fn send(self, group_error: Option<(&StoreError, &str)>) -> bool {
+        match (self, group_error) {
+            (Reply::Insert(tx, result), None) => {
+                let inserted = matches!(result, Ok(Inserted { duplicate: false }));
+                let _ = tx.send(result);
+                inserted
+            }
+            (Reply::Insert(tx, _), Some((e, m))) => {
+                let _ = tx.send(Err(same_kind(e, m)));
+                false
+            }
+            (Reply::Outcomes(tx), None) => {
+                let _ = tx.send(Ok(()));
+                false
+            }
+            (Reply::Outcomes(tx), Some((e, m))) => {
+                let _ = tx.send(Err(same_kind(e, m)));
+                false
+            }
+        }
+    }
+}
+
+const INSERT_SQL: &str = "INSERT INTO msg_log (id, msg, exchange, routing_key, status, \
+     try_count, next_try_time, create_time, update_time, headers, content_type) \
+     VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, ?5, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING";
+/// Forward only: a row the consumer already settled (3 or 2) stays as it is.
+const DELIVERED_SQL: &str =
+    "UPDATE msg_log SET status = 1, update_time = ?2 WHERE id = ?1 AND status = 0";
+/// A failed attempt: counted, explained, delayed `try_count × retry_interval`,
+/// failed for good at `max_attempts`.
+const REJECTED_SQL: &str = "UPDATE msg_log SET try_count = try_count + 1, last_error = ?2, \
+     next_try_time = ?3 + (try_count + 1) * ?4, update_time = ?3, \
+     status = CASE WHEN try_count + 1 >= ?5 THEN 2 ELSE 0 END \
+     WHERE id = ?1 AND status = 0 RETURNING status";
 
 impl Writer {
     fn new(
@@ -471,8 +569,8 @@ impl Writer {
 
     /// Applies `group` in one transaction, commits, then answers each request.
     fn commit_group(&mut self, group: &mut Vec<WriteRequest>) {
-        if group.iter().all(|r| matches!(r, WriteRequest::Stop)) {
-            group.clear();
+        group.retain(|r| !matches!(r, WriteRequest::Stop));
+        if group.is_empty() {
             return;
         }
         if self.counted_at.elapsed() > PENDING_RECOUNT_EVERY {
@@ -485,23 +583,14 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 for reply in replies {
-                    match reply {
-                        Reply::Insert(tx, result) => {
-                            inserted_any |= matches!(result, Ok(Inserted { duplicate: false }));
-                            let _ = tx.send(result);
-                        }
-                    }
+                    inserted_any |= reply.send(None);
                 }
             }
             Err(error) => {
                 self.pending = pending_before;
                 let message = error.to_string();
                 for reply in replies {
-                    match reply {
-                        Reply::Insert(tx, _) => {
-                            let _ = tx.send(Err(same_kind(&error, &message)));
-                        }
-                    }
+                    reply.send(Some((&error, &message)));
                 }
                 tracing::warn!(error = %message, "write group rolled back, nothing in it acknowledged");
             }
@@ -511,87 +600,65 @@ impl Writer {
         }
     }
 
+    /// Runs every request of `group` inside one `BEGIN IMMEDIATE` transaction
+    /// and commits it. On error the transaction rolls back (on drop) and the
+    /// caller answers every request with the error.
     fn apply(
         &mut self,
         group: &mut Vec<WriteRequest>,
         replies: &mut Vec<Reply>,
     ) -> Result<(), StoreError> {
         let storage_refusal = self.storage_refusal();
-        let tx = self
+        let mut result: Result<(), StoreError> = Ok(());
+        let tx = match self
             .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate);
-        let tx = match tx {
-            Ok(tx) => tx,
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+        {
+            Ok(tx) => Some(tx),
             Err(e) => {
-                for request in group.drain(..) {
-                    if let WriteRequest::Insert { reply, .. } = request {
-                        replies.push(Reply::Insert(reply, Ok(Inserted { duplicate: false })));
-                    }
-                }
-                return Err(e.into());
+                result = Err(e.into());
+                None
             }
         };
-        let mut result: Result<(), StoreError> = Ok(());
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO msg_log (id, msg, exchange, routing_key, status, try_count, \
-                 next_try_time, create_time, update_time, headers, content_type) \
-                 VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, ?5, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING",
-            )?;
-            let mut exists = tx.prepare_cached("SELECT 1 FROM msg_log WHERE id = ?1")?;
-            let now = now_ms();
-            for request in group.drain(..) {
-                let WriteRequest::Insert { message, reply } = request else {
-                    continue;
-                };
-                if result.is_err() {
-                    replies.push(Reply::Insert(reply, Ok(Inserted { duplicate: false })));
-                    continue;
-                }
-                let refusal = storage_refusal.clone().map(StoreError::StorageFull).or_else(|| {
-                    (self.pending >= self.limits.max_pending).then_some(StoreError::BufferFull {
-                        pending: self.pending,
-                        max: self.limits.max_pending,
-                    })
-                });
-                let answer = match refusal {
-                    // A duplicate of a stored message is still answered ok.
-                    Some(refusal) => match exists.exists(params![message.id]) {
-                        Ok(true) => Ok(Inserted { duplicate: true }),
-                        Ok(false) => Err(refusal),
-                        Err(e) => {
-                            result = Err(e.into());
-                            Ok(Inserted { duplicate: false })
+        let now = now_ms();
+        for request in group.drain(..) {
+            match request {
+                WriteRequest::Insert { message, reply } => {
+                    let answer = match (&tx, &result) {
+                        (Some(tx), Ok(())) => {
+                            let refusal = storage_refusal.clone().map(StoreError::StorageFull);
+                            insert_one(tx, message, now, refusal, &mut self.pending, self.limits)
                         }
-                    },
-                    None => {
-                        let body = body_value(message.body);
-                        match insert.execute(params![
-                            message.id,
-                            body,
-                            message.exchange,
-                            message.routing_key,
-                            now,
-                            message.headers,
-                            message.content_type,
-                        ]) {
-                            Ok(0) => Ok(Inserted { duplicate: true }),
-                            Ok(_) => {
-                                self.pending += 1;
-                                Ok(Inserted { duplicate: false })
-                            }
-                            Err(e) => {
-                                result = Err(e.into());
-                                Ok(Inserted { duplicate: false })
-                            }
+                        _ => Ok(Ok(Inserted { duplicate: false })),
+                    };
+                    match answer {
+                        Ok(answer) => replies.push(Reply::Insert(reply, answer)),
+                        Err(e) => {
+                            result = Err(e);
+                            replies.push(Reply::Insert(reply, Ok(Inserted { duplicate: false })));
                         }
                     }
-                };
-                replies.push(Reply::Insert(reply, answer));
+                }
+                WriteRequest::Outcomes {
+                    outcomes,
+                    policy,
+                    reply,
+                } => {
+                    if let (Some(tx), Ok(())) = (&tx, &result) {
+                        match record_outcomes(tx, &outcomes, policy, now) {
+                            Ok(settled) => self.pending = self.pending.saturating_sub(settled),
+                            Err(e) => result = Err(e),
+                        }
+                    }
+                    replies.push(Reply::Outcomes(reply));
+                }
+                WriteRequest::Stop => {}
             }
         }
         result?;
-        tx.commit()?;
+        if let Some(tx) = tx {
+            tx.commit()?;
+        }
         Ok(())
     }
 
@@ -622,6 +689,86 @@ impl Writer {
         }
         None
     }
+}
+
+/// Stores one message inside the group's transaction. The outer `Err` is a
+/// database failure (the group rolls back); the inner result is this
+/// message's answer (stored, duplicate, or refused for lack of room).
+fn insert_one(
+    tx: &rusqlite::Transaction<'_>,
+    message: NewMessage,
+    now: i64,
+    storage_refusal: Option<StoreError>,
+    pending: &mut u64,
+    limits: Limits,
+) -> Result<Result<Inserted, StoreError>, StoreError> {
+    let refusal = storage_refusal.or_else(|| {
+        (*pending >= limits.max_pending).then_some(StoreError::BufferFull {
+            pending: *pending,
+            max: limits.max_pending,
+        })
+    });
+    if let Some(refusal) = refusal {
+        // A duplicate of a stored message is still answered ok.
+        let mut exists = tx.prepare_cached("SELECT 1 FROM msg_log WHERE id = ?1")?;
+        return Ok(if exists.exists(params![message.id])? {
+            Ok(Inserted { duplicate: true })
+        } else {
+            Err(refusal)
+        });
+    }
+    let mut insert = tx.prepare_cached(INSERT_SQL)?;
+    let changed = insert.execute(params![
+        message.id,
+        body_value(message.body),
+        message.exchange,
+        message.routing_key,
+        now,
+        message.headers,
+        message.content_type,
+    ])?;
+    if changed == 0 {
+        return Ok(Ok(Inserted { duplicate: true }));
+    }
+    *pending += 1;
+    Ok(Ok(Inserted { duplicate: false }))
+}
+
+/// Applies publish outcomes; returns how many rows left status 0.
+fn record_outcomes(
+    tx: &rusqlite::Transaction<'_>,
+    outcomes: &[PublishOutcome],
+    policy: RetryPolicy,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let mut delivered = tx.prepare_cached(DELIVERED_SQL)?;
+    let mut rejected = tx.prepare_cached(REJECTED_SQL)?;
+    let mut settled = 0u64;
+    for outcome in outcomes {
+        match outcome {
+            PublishOutcome::Delivered { id } => {
+                settled += delivered.execute(params![id, now])? as u64;
+            }
+            PublishOutcome::Rejected { id, error } => {
+                let status: Option<i64> = rejected
+                    .query_row(
+                        params![
+                            id,
+                            error,
+                            now,
+                            policy.retry_interval_ms,
+                            i64::from(policy.max_attempts)
+                        ],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if status == Some(Status::Failed as i64) {
+                    settled += 1;
+                }
+            }
+        }
+    }
+    Ok(settled)
 }
 
 /// A copy of a group's error for each of its requests.
@@ -770,6 +917,44 @@ impl Reader {
             }
         };
         Ok(rows)
+    }
+
+    /// Up to `limit` status-0 rows after `after_rowid` that are due at `now`,
+    /// oldest first: one page of the forwarder's backlog.
+    pub fn due_page(
+        &self,
+        after_rowid: i64,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<OutgoingRow>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT rowid, id, msg, exchange, routing_key, headers, content_type, create_time \
+             FROM msg_log WHERE status = 0 AND rowid > ?1 \
+             AND (next_try_time IS NULL OR next_try_time <= ?2) ORDER BY rowid LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(
+            params![after_rowid, now, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                let body = match r.get_ref(2)? {
+                    rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                        t.to_vec()
+                    }
+                    _ => Vec::new(),
+                };
+                Ok(OutgoingRow {
+                    rowid: r.get(0)?,
+                    id: r.get(1)?,
+                    body,
+                    exchange: r.get(3)?,
+                    routing_key: r.get(4)?,
+                    headers: r.get(5)?,
+                    content_type: r.get(6)?,
+                    create_time: r.get(7)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Row>, StoreError> {
