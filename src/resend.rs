@@ -27,6 +27,7 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{now_ms, OutgoingRow, Reader, StoreError};
@@ -43,9 +44,13 @@ pub enum ResendError {
 /// The forwarder's walk over due rows.
 pub struct Backlog {
     reader: Reader,
-    /// Rows with a rowid up to this one were reached by the current pass.
+    /// Rows with a rowid up to this one were read by the current pass.
     cursor: i64,
     page: VecDeque<OutgoingRow>,
+    /// The next page, being read on the blocking pool. Kept across
+    /// cancellations of [`Backlog::next`], and started before the current
+    /// page runs out, so the publisher never waits on the disk for long.
+    reading: Option<JoinHandle<Result<Vec<OutgoingRow>, StoreError>>>,
     /// The current pass found nothing more; new rows or a rewind wake it.
     exhausted: bool,
     /// Rows handed out by the current pass.
@@ -58,6 +63,7 @@ impl Backlog {
             reader,
             cursor: 0,
             page: VecDeque::new(),
+            reading: None,
             exhausted: false,
             handed_out: 0,
         }
@@ -67,6 +73,8 @@ impl Backlog {
     pub fn rewind(&mut self) {
         self.cursor = 0;
         self.page.clear();
+        // A read in progress belongs to the old pass; its result is dropped.
+        self.reading = None;
         self.exhausted = false;
         self.handed_out = 0;
     }
@@ -76,8 +84,9 @@ impl Backlog {
         self.exhausted = false;
     }
 
+    /// Nothing to hand out until new rows or a rewind.
     pub fn exhausted(&self) -> bool {
-        self.exhausted
+        self.exhausted && self.page.is_empty() && self.reading.is_none()
     }
 
     /// Rows handed out since the last rewind.
@@ -85,32 +94,38 @@ impl Backlog {
         self.handed_out
     }
 
+    fn start_read(&mut self) {
+        let reader = self.reader.clone();
+        let after = self.cursor;
+        self.reading = Some(tokio::task::spawn_blocking(move || {
+            reader.due_page(after, now_ms(), PAGE_SIZE)
+        }));
+    }
+
     /// The next due row not in `in_flight`, or `None` when the pass is done.
-    /// Cancel-safe: state changes only after the page read completed.
+    /// Cancel-safe: a page read in progress is kept for the next call.
     pub async fn next(
         &mut self,
         in_flight: &HashSet<String>,
     ) -> Result<Option<OutgoingRow>, StoreError> {
         loop {
+            if self.page.len() < PAGE_SIZE / 4 && self.reading.is_none() && !self.exhausted {
+                self.start_read();
+            }
             while let Some(row) = self.page.pop_front() {
                 if !in_flight.contains(&row.id) {
                     self.handed_out += 1;
                     return Ok(Some(row));
                 }
             }
-            if self.exhausted {
+            let Some(reading) = self.reading.as_mut() else {
                 return Ok(None);
-            }
-            let reader = self.reader.clone();
-            let after = self.cursor;
-            let page = tokio::task::spawn_blocking(move || {
-                reader.due_page(after, now_ms(), PAGE_SIZE)
-            })
-            .await
-            .map_err(|e| StoreError::WriteFailed(format!("backlog page read: {e}")))??;
-            if self.cursor != after {
-                continue; // rewound while reading
-            }
+            };
+            let page = reading
+                .await
+                .map_err(|e| StoreError::WriteFailed(format!("backlog page read: {e}")));
+            self.reading = None;
+            let page = page??;
             match page.last() {
                 Some(last) => self.cursor = last.rowid,
                 None => self.exhausted = true,
