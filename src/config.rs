@@ -525,6 +525,12 @@ impl Config {
                     format!("{} is not an amqp:// or amqps:// URL", redact_url(url)),
                 ));
             }
+            if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err(invalid(
+                    &format!("broker.urls[{i}]"),
+                    format!("{}: {e}", redact_url(url)),
+                ));
+            }
         }
         if b.heartbeat.as_secs() > u64::from(u16::MAX) {
             return Err(invalid("broker.heartbeat", "must be at most 65535s"));
