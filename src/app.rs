@@ -23,7 +23,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, LogFormat};
-use crate::publish::{broker_targets, Forwarder, PublishError};
+use crate::broker::{BrokerError, Connector};
+use crate::publish::{Forwarder, PublishError};
 use crate::resend::Resend;
 use crate::status::{BrokerState, StatusReport};
 use crate::store::{Store, StoreError};
@@ -40,6 +41,8 @@ pub enum AppError {
     Submit(#[from] SubmitError),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("task {task} failed: {message}")]
@@ -53,7 +56,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
-    let targets = broker_targets(&config.broker)?;
+    let publish_connector = Connector::new(&config.broker, "publisher")?;
     let store = {
         let store_config = config.store.clone();
         tokio::task::spawn_blocking(move || Store::open(&store_config))
@@ -94,8 +97,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     spawn(&mut tasks, "submit", server.run(shutdown.clone()));
     let (forwarder, passes) = Forwarder::new(
         config.publish.clone(),
-        config.broker.clone(),
-        targets,
+        publish_connector,
         store.clone(),
         broker.clone(),
     );

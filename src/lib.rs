@@ -10,6 +10,7 @@
 //! - [`config`]: the typed, validated configuration (file, environment, defaults);
 //! - [`store`]: `msg_log`: all SQL, the group-commit writer, the reader pool;
 //! - [`submit`]: the Unix-socket protocol server;
+//! - [`broker`]: reaching RabbitMQ: targets, connection attempts, backoff;
 //! - [`publish`]: the forwarder to RabbitMQ: connection, confirms, outcomes;
 //! - [`resend`]: what is due next (the backlog walk) and the periodic pass;
 //! - [`status`]: the status report shared by the socket and the CLI;
@@ -17,6 +18,7 @@
 //! - [`cli`]: the command line.
 
 pub mod app;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod publish;

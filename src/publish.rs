@@ -35,83 +35,23 @@ use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
 use futures_util::FutureExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{redact_url, BrokerConfig, PublishConfig};
+use crate::broker::{backoff, ConnectFailure, Connector};
+use crate::config::PublishConfig;
 use crate::resend::{Backlog, PassReport, PassRequest};
 use crate::status::BrokerState;
 use crate::store::{now_ms, OutgoingRow, PublishOutcome, RetryPolicy, Store, StoreError};
 
-/// First reconnect delay; doubles per failure up to `RECONNECT_DELAY_MAX`.
-const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(250);
-const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(10);
 /// How long shutdown waits for outstanding confirms.
 const SHUTDOWN_CONFIRM_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("broker.urls[{index}] ({url}): {message}")]
-    BadUrl {
-        index: usize,
-        url: String,
-        message: String,
-    },
-    #[error("cannot read broker.password_file {path}: {source}")]
-    PasswordFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// A broker to connect to: the parsed URI (password and heartbeat applied)
-/// and its redacted form for humans.
-#[derive(Clone)]
-pub struct BrokerTarget {
-    uri: AMQPUri,
-    pub shown: String,
-}
-
-/// Parses `broker.urls`, applies `broker.password_file` and
-/// `broker.heartbeat` to each.
-pub fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>, PublishError> {
-    let password = if config.password_file.as_os_str().is_empty() {
-        None
-    } else {
-        let text = std::fs::read_to_string(&config.password_file).map_err(|source| {
-            PublishError::PasswordFile {
-                path: config.password_file.clone(),
-                source,
-            }
-        })?;
-        Some(text.trim_end_matches(['\r', '\n']).to_string())
-    };
-    config
-        .urls
-        .iter()
-        .enumerate()
-        .map(|(index, url)| {
-            let mut uri: AMQPUri = url.parse().map_err(|message| PublishError::BadUrl {
-                index,
-                url: redact_url(url),
-                message,
-            })?;
-            if let Some(p) = &password {
-                uri.authority.userinfo.password = p.clone();
-            }
-            if uri.query.heartbeat.is_none() {
-                uri.query.heartbeat = Some(config.heartbeat.as_secs().clamp(1, 65_535) as u16);
-            }
-            Ok(BrokerTarget {
-                uri,
-                shown: redact_url(url),
-            })
-        })
-        .collect()
 }
 
 /// An AMQP connection with its confirm-mode channel.
@@ -190,8 +130,7 @@ pub fn classify(
 /// The forwarder task.
 pub struct Forwarder {
     config: PublishConfig,
-    broker: BrokerConfig,
-    targets: Vec<BrokerTarget>,
+    connector: Connector,
     store: Store,
     state: BrokerState,
     passes: mpsc::Receiver<PassRequest>,
@@ -205,7 +144,6 @@ pub struct Forwarder {
     confirms: FuturesUnordered<ConfirmFuture>,
     settling: FuturesUnordered<SettleFuture>,
     outcomes: Vec<PublishOutcome>,
-    next_target: usize,
     generation: u64,
 }
 
@@ -227,8 +165,7 @@ impl Forwarder {
     /// The forwarder and the sender its [`crate::resend::Resend`] uses.
     pub fn new(
         config: PublishConfig,
-        broker: BrokerConfig,
-        targets: Vec<BrokerTarget>,
+        connector: Connector,
         store: Store,
         state: BrokerState,
     ) -> (Forwarder, mpsc::Sender<PassRequest>) {
@@ -236,8 +173,7 @@ impl Forwarder {
         let backlog = Backlog::new(store.reader().clone());
         let forwarder = Forwarder {
             config,
-            broker,
-            targets,
+            connector,
             store,
             state,
             passes: rx,
@@ -249,7 +185,6 @@ impl Forwarder {
             confirms: FuturesUnordered::new(),
             settling: FuturesUnordered::new(),
             outcomes: Vec::new(),
-            next_target: 0,
             generation: 0,
         };
         (forwarder, tx)
@@ -290,72 +225,64 @@ impl Forwarder {
                 }
             }
         }
-        let index = self.next_target % self.targets.len().max(1);
-        self.next_target = self.next_target.wrapping_add(1);
-        let Some(target) = self.targets.get(index).cloned() else {
-            return Link::Stopped;
-        };
-        let connecting = tokio::time::timeout(self.broker.connect_timeout, self.open(&target));
         let opened = tokio::select! {
             _ = shutdown.cancelled() => return Link::Stopped,
-            opened = connecting => opened,
+            opened = self.connector.connect() => opened,
         };
-        match opened {
-            Ok(Ok(session)) => {
-                tracing::info!(broker = %target.shown, "connected to the broker");
-                let since = now_ms();
-                self.state.update(|s| {
-                    s.connected = true;
-                    s.url = Some(target.shown.clone());
-                    s.since = Some(since);
-                    s.last_error = None;
-                    s.blocked = false;
-                });
-                // Drain the backlog now, unconfirmed rows of the last link first.
-                self.backlog.rewind();
-                Link::Up(Box::new(session))
+        let connected = match opened {
+            Ok(connected) => connected,
+            Err(failure) => return self.connect_failed(failure, failures),
+        };
+        let channel = tokio::time::timeout(
+            self.connector.connect_timeout(),
+            open_channel(&connected.connection),
+        )
+        .await;
+        let channel = match channel {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                let failure = connected.failure(format!("cannot open a confirm-mode channel: {e}"));
+                return self.connect_failed(failure, failures);
             }
-            Ok(Err(e)) => self.connect_failed(&target, failures, e.to_string()),
-            Err(_) => self.connect_failed(
-                &target,
-                failures,
-                format!(
-                    "no connection within broker.connect_timeout ({})",
-                    humantime::format_duration(self.broker.connect_timeout)
-                ),
-            ),
-        }
+            Err(_) => {
+                let failure = connected.failure("cannot open a confirm-mode channel: timed out");
+                return self.connect_failed(failure, failures);
+            }
+        };
+        tracing::info!(broker = %connected.url, "connected to the broker");
+        let since = now_ms();
+        self.state.update(|s| {
+            s.connected = true;
+            s.url = Some(connected.url.clone());
+            s.since = Some(since);
+            s.last_error = None;
+            s.blocked = false;
+        });
+        // Drain the backlog now, unconfirmed rows of the last link first.
+        self.backlog.rewind();
+        self.generation += 1;
+        let events = Box::pin(connected.connection.events_listener());
+        Link::Up(Box::new(Session {
+            connection: connected.connection,
+            channel,
+            events,
+            generation: self.generation,
+        }))
     }
 
-    fn connect_failed(&mut self, target: &BrokerTarget, failures: u32, error: String) -> Link {
-        let error = scrub(&error, &target.uri);
-        tracing::warn!(broker = %target.shown, error = %error, failures = failures + 1, "cannot connect to the broker");
+    fn connect_failed(&mut self, failure: ConnectFailure, failures: u32) -> Link {
+        tracing::warn!(broker = %failure.url, error = %failure.error, failures = failures + 1, "cannot connect to the broker");
         self.state.update(|s| {
             if s.connected || s.since.is_none() {
                 s.since = Some(now_ms());
             }
             s.connected = false;
-            s.url = Some(target.shown.clone());
-            s.last_error = Some(error);
+            s.url = Some(failure.url);
+            s.last_error = Some(failure.error);
         });
         Link::Down {
             failures: failures + 1,
         }
-    }
-
-    async fn open(&mut self, target: &BrokerTarget) -> lapin::Result<Session> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(format!("edge-outbox {}", env!("CARGO_PKG_VERSION")).into());
-        let connection = Connection::connect_uri(target.uri.clone(), properties).await?;
-        let events = Box::pin(connection.events_listener());
-        let channel = open_channel(&connection).await?;
-        self.generation += 1;
-        Ok(Session {
-            connection,
-            channel,
-            events,
-            generation: self.generation,
-        })
     }
 
     /// Publishes while connected; returns the next link state.
@@ -373,7 +300,7 @@ impl Forwarder {
             if !session.channel.status().connected() {
                 // Closed by the broker (a 404, say): the connection lives on.
                 match tokio::time::timeout(
-                    self.broker.connect_timeout,
+                    self.connector.connect_timeout(),
                     open_channel(&session.connection),
                 )
                 .await
@@ -628,23 +555,6 @@ async fn open_channel(connection: &Connection) -> lapin::Result<Channel> {
     Ok(channel)
 }
 
-/// Capped exponential backoff with full jitter in [delay/2, delay].
-fn backoff(failures: u32) -> Duration {
-    let exp = RECONNECT_DELAY_MIN.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    let cap = exp.min(RECONNECT_DELAY_MAX);
-    cap.mul_f64(0.5 + fastrand::f64() * 0.5)
-}
-
-/// Removes the password from a lapin error text, should it carry the URI.
-fn scrub(text: &str, uri: &AMQPUri) -> String {
-    let password = &uri.authority.userinfo.password;
-    if password.is_empty() {
-        text.to_string()
-    } else {
-        text.replace(password.as_str(), "***")
-    }
-}
-
 /// AMQP properties of a row: persistent, its id, its submit time.
 fn properties(row: &OutgoingRow) -> BasicProperties {
     let mut properties = BasicProperties::default()
@@ -690,15 +600,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_is_capped_and_jittered() {
-        for failures in 1..40 {
-            let d = backoff(failures);
-            assert!(d <= RECONNECT_DELAY_MAX, "{d:?}");
-            assert!(d >= RECONNECT_DELAY_MIN / 2, "{d:?}");
-        }
-    }
-
-    #[test]
     fn timeouts_count_only_on_a_live_link() {
         let elapsed = tokio_timeout_elapsed();
         let t = Duration::from_secs(1);
@@ -730,22 +631,5 @@ mod tests {
         assert!(matches!(inner.get("b"), Some(AMQPValue::LongLongInt(1))));
         assert!(matches!(inner.get("c"), Some(AMQPValue::Boolean(true))));
         assert!(matches!(inner.get("d"), Some(AMQPValue::Double(_))));
-    }
-
-    #[test]
-    fn password_file_and_heartbeat_apply() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("pw");
-        std::fs::write(&file, "s3cret\n").unwrap();
-        let config = BrokerConfig {
-            urls: vec!["amqp://user:old@host:5672/%2f".into()],
-            password_file: file,
-            ..BrokerConfig::default()
-        };
-        let targets = broker_targets(&config).unwrap();
-        assert_eq!(targets[0].uri.authority.userinfo.password, "s3cret");
-        assert_eq!(targets[0].uri.query.heartbeat, Some(10));
-        assert!(!targets[0].shown.contains("old"));
-        assert_eq!(scrub("bad s3cret here", &targets[0].uri), "bad *** here");
     }
 }

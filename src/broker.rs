@@ -1,0 +1,230 @@
+//! Broker: reaching RabbitMQ, shared by the forwarder and the consumer.
+//!
+//! Role: turn `[broker]` into connectable targets (password file and
+//! heartbeat applied), connect to them in turn with a timeout, and space
+//! failed attempts with capped exponential backoff and jitter. Each caller
+//! owns its reconnect loop (lapin's auto-recovery is not used) and its own
+//! connection.
+//!
+//! Invariants:
+//! - Passwords never leave this module in text meant for people: targets
+//!   carry a redacted URL, and connection errors are scrubbed of the password.
+//! - Every connection attempt is bounded by `broker.connect_timeout`.
+
+use std::time::Duration;
+
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties};
+
+use crate::config::{redact_url, BrokerConfig};
+
+/// First reconnect delay; doubles per failure up to [`RECONNECT_DELAY_MAX`].
+pub const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(250);
+pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker.urls[{index}] ({url}): {message}")]
+    BadUrl {
+        index: usize,
+        url: String,
+        message: String,
+    },
+    #[error("cannot read broker.password_file {path}: {source}")]
+    PasswordFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("amqps:// URLs need TLS, which this build does not include ({url})")]
+    NoTls { url: String },
+}
+
+/// A broker to connect to: the parsed URI (password and heartbeat applied)
+/// and its redacted form for humans.
+#[derive(Clone)]
+pub struct BrokerTarget {
+    uri: AMQPUri,
+    pub shown: String,
+}
+
+/// Parses `broker.urls`, applies `broker.password_file` and `broker.heartbeat`.
+pub fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>, BrokerError> {
+    let password = if config.password_file.as_os_str().is_empty() {
+        None
+    } else {
+        let text = std::fs::read_to_string(&config.password_file).map_err(|source| {
+            BrokerError::PasswordFile {
+                path: config.password_file.clone(),
+                source,
+            }
+        })?;
+        Some(text.trim_end_matches(['\r', '\n']).to_string())
+    };
+    config
+        .urls
+        .iter()
+        .enumerate()
+        .map(|(index, url)| {
+            let mut uri: AMQPUri = url.parse().map_err(|message| BrokerError::BadUrl {
+                index,
+                url: redact_url(url),
+                message,
+            })?;
+            if url.starts_with("amqps://") {
+                return Err(BrokerError::NoTls {
+                    url: redact_url(url),
+                });
+            }
+            if let Some(p) = &password {
+                uri.authority.userinfo.password = p.clone();
+            }
+            if uri.query.heartbeat.is_none() {
+                uri.query.heartbeat = Some(config.heartbeat.as_secs().clamp(1, 65_535) as u16);
+            }
+            Ok(BrokerTarget {
+                uri,
+                shown: redact_url(url),
+            })
+        })
+        .collect()
+}
+
+/// Connects to `broker.urls` in turn.
+pub struct Connector {
+    targets: Vec<BrokerTarget>,
+    next: usize,
+    connect_timeout: Duration,
+    /// Shown in the broker's management UI: which part of the agent this is.
+    role: &'static str,
+}
+
+/// A live connection and where it goes.
+pub struct Connected {
+    pub connection: Connection,
+    pub url: String,
+}
+
+impl Connected {
+    /// A failure of a step after connecting (opening a channel, say).
+    pub fn failure(&self, error: impl Into<String>) -> ConnectFailure {
+        ConnectFailure {
+            url: self.url.clone(),
+            error: error.into(),
+        }
+    }
+}
+
+/// Why an attempt failed, without the password.
+#[derive(Debug, Clone)]
+pub struct ConnectFailure {
+    pub url: String,
+    pub error: String,
+}
+
+impl Connector {
+    pub fn new(config: &BrokerConfig, role: &'static str) -> Result<Connector, BrokerError> {
+        Ok(Connector {
+            targets: broker_targets(config)?,
+            next: 0,
+            connect_timeout: config.connect_timeout,
+            role,
+        })
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// One attempt at the next URL, bounded by `broker.connect_timeout`.
+    pub async fn connect(&mut self) -> Result<Connected, ConnectFailure> {
+        let Some(target) = self.targets.get(self.next % self.targets.len().max(1)) else {
+            return Err(ConnectFailure {
+                url: String::new(),
+                error: "broker.urls is empty".into(),
+            });
+        };
+        self.next = self.next.wrapping_add(1);
+        let properties = ConnectionProperties::default().with_connection_name(
+            format!("edge-outbox {} {}", env!("CARGO_PKG_VERSION"), self.role).into(),
+        );
+        let attempt = Connection::connect_uri(target.uri.clone(), properties);
+        match tokio::time::timeout(self.connect_timeout, attempt).await {
+            Ok(Ok(connection)) => Ok(Connected {
+                connection,
+                url: target.shown.clone(),
+            }),
+            Ok(Err(e)) => Err(ConnectFailure {
+                url: target.shown.clone(),
+                error: scrub(&e.to_string(), &target.uri),
+            }),
+            Err(_) => Err(ConnectFailure {
+                url: target.shown.clone(),
+                error: format!(
+                    "no connection within broker.connect_timeout ({})",
+                    humantime::format_duration(self.connect_timeout)
+                ),
+            }),
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter: in [delay/2, delay].
+pub fn backoff(failures: u32) -> Duration {
+    let exp = RECONNECT_DELAY_MIN.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let cap = exp.min(RECONNECT_DELAY_MAX);
+    cap.mul_f64(0.5 + fastrand::f64() * 0.5)
+}
+
+/// Removes the password from an error text, should it carry the URI.
+fn scrub(text: &str, uri: &AMQPUri) -> String {
+    let password = &uri.authority.userinfo.password;
+    if password.is_empty() {
+        text.to_string()
+    } else {
+        text.replace(password.as_str(), "***")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        for failures in 1..40 {
+            let d = backoff(failures);
+            assert!(d <= RECONNECT_DELAY_MAX, "{d:?}");
+            assert!(d >= RECONNECT_DELAY_MIN / 2, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn password_file_and_heartbeat_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let config = BrokerConfig {
+            urls: vec!["amqp://user:old@host:5672/%2f".into()],
+            password_file: file,
+            ..BrokerConfig::default()
+        };
+        let targets = broker_targets(&config).unwrap();
+        assert_eq!(targets[0].uri.authority.userinfo.password, "s3cret");
+        assert_eq!(targets[0].uri.query.heartbeat, Some(10));
+        assert!(!targets[0].shown.contains("old"));
+        assert_eq!(scrub("bad s3cret here", &targets[0].uri), "bad *** here");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_failure_without_the_password() {
+        let config = BrokerConfig {
+            urls: vec!["amqp://user:hunter2@127.0.0.1:1/%2f".into()],
+            connect_timeout: Duration::from_secs(2),
+            ..BrokerConfig::default()
+        };
+        let mut connector = Connector::new(&config, "test").unwrap();
+        let failure = connector.connect().await.err().unwrap();
+        assert!(!failure.error.contains("hunter2"), "{failure:?}");
+        assert!(!failure.url.contains("hunter2"), "{failure:?}");
+    }
+}
