@@ -206,7 +206,48 @@ enum WriteRequest {
         policy: RetryPolicy,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    Consumption {
+        result: Consumption,
+        reply: oneshot::Sender<Result<ConsumeVerdict, StoreError>>,
+    },
     Stop,
+}
+
+/// A delivery as the consumer saw it (enough to insert the row for a
+/// message this agent did not publish).
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub id: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub headers: Option<String>,
+    pub content_type: Option<String>,
+}
+
+/// What the handler made of a delivery.
+#[derive(Debug, Clone)]
+pub enum Consumption {
+    /// The handler succeeded: status 3 (from 0 or 1; inserted if missing).
+    Succeeded(Delivered),
+    /// The handler failed: one more attempt counted in `consume_count`; at
+    /// `max_attempts` the row becomes status 2 (from 0 or 1).
+    Failed {
+        delivery: Delivered,
+        error: String,
+        max_attempts: u32,
+    },
+}
+
+/// What the consumer does with the delivery after the commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumeVerdict {
+    /// Recorded as consumed (or already settled): ack.
+    Ack,
+    /// Failed `attempts` times, fewer than allowed: nack with requeue.
+    Requeue { attempts: u32 },
+    /// Failed for the last time: reject without requeue (dead-letter).
+    GiveUp { attempts: u32 },
 }
 
 /// What one publish attempt of a row came to, as the store records it.
@@ -409,6 +450,20 @@ impl Store {
         Ok(Pending(answer))
     }
 
+    /// Records a handler's result; resolves after the commit, with what to
+    /// tell the broker.
+    pub async fn record_consumption(
+        &self,
+        result: Consumption,
+    ) -> Result<ConsumeVerdict, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(WriteRequest::Consumption { result, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Pending(answer).await
+    }
+
     /// Notified after every commit that stored new rows: the forwarder's cue.
     pub fn new_rows(&self) -> Arc<Notify> {
         self.new_rows.clone()
@@ -463,8 +518,15 @@ struct Writer {
 
 /// A request's answer, held until its group's COMMIT returns.
 enum Reply {
-    Insert(oneshot::Sender<Result<Inserted, StoreError>>, Result<Inserted, StoreError>),
+    Insert(
+        oneshot::Sender<Result<Inserted, StoreError>>,
+        Result<Inserted, StoreError>,
+    ),
     Outcomes(oneshot::Sender<Result<(), StoreError>>),
+    Consumption(
+        oneshot::Sender<Result<ConsumeVerdict, StoreError>>,
+        ConsumeVerdict,
+    ),
 }
 
 impl Reply {
@@ -485,6 +547,14 @@ impl Reply {
                 false
             }
             (Reply::Outcomes(tx), Some((e, m))) => {
+                let _ = tx.send(Err(same_kind(e, m)));
+                false
+            }
+            (Reply::Consumption(tx, verdict), None) => {
+                let _ = tx.send(Ok(verdict));
+                false
+            }
+            (Reply::Consumption(tx, _), Some((e, m))) => {
                 let _ = tx.send(Err(same_kind(e, m)));
                 false
             }
@@ -529,11 +599,11 @@ impl Writer {
     }
 
     fn recount_pending(&mut self) -> Result<(), StoreError> {
-        let n: i64 = self.conn.query_row(
-            "SELECT COUNT(*) FROM msg_log WHERE status = 0",
-            [],
-            |r| r.get(0),
-        )?;
+        let n: i64 =
+            self.conn
+                .query_row("SELECT COUNT(*) FROM msg_log WHERE status = 0", [], |r| {
+                    r.get(0)
+                })?;
         self.pending = n.max(0) as u64;
         self.counted_at = Instant::now();
         Ok(())
@@ -652,6 +722,24 @@ impl Writer {
                     }
                     replies.push(Reply::Outcomes(reply));
                 }
+                WriteRequest::Consumption {
+                    result: consumption,
+                    reply,
+                } => {
+                    let mut verdict = ConsumeVerdict::Ack;
+                    if let (Some(tx), Ok(())) = (&tx, &result) {
+                        match record_consumption(tx, &consumption, now) {
+                            Ok((v, left_pending)) => {
+                                verdict = v;
+                                if left_pending {
+                                    self.pending = self.pending.saturating_sub(1);
+                                }
+                            }
+                            Err(e) => result = Err(e),
+                        }
+                    }
+                    replies.push(Reply::Consumption(reply, verdict));
+                }
                 WriteRequest::Stop => {}
             }
         }
@@ -732,6 +820,74 @@ fn insert_one(
     }
     *pending += 1;
     Ok(Ok(Inserted { duplicate: false }))
+}
+
+/// Records a handler's result. Returns the verdict and whether the row
+/// left status 0.
+fn record_consumption(
+    tx: &rusqlite::Transaction<'_>,
+    consumption: &Consumption,
+    now: i64,
+) -> Result<(ConsumeVerdict, bool), StoreError> {
+    let delivery = match consumption {
+        Consumption::Succeeded(d) | Consumption::Failed { delivery: d, .. } => d,
+    };
+    let status: Option<i64> = tx
+        .prepare_cached("SELECT status FROM msg_log WHERE id = ?1")?
+        .query_row(params![delivery.id], |r| r.get(0))
+        .optional()?;
+    let was_pending = status == Some(Status::Delivering as i64);
+    let unsettled = matches!(status, None | Some(0) | Some(1));
+    if status.is_none() {
+        // A message this agent did not publish: it is in the broker, so 1.
+        tx.prepare_cached(
+            "INSERT INTO msg_log (id, msg, exchange, routing_key, status, try_count, \
+             create_time, update_time, headers, content_type) \
+             VALUES (?1, ?2, ?3, ?4, 1, 0, ?5, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            delivery.id,
+            body_value(delivery.body.clone()),
+            delivery.exchange,
+            delivery.routing_key,
+            now,
+            delivery.headers,
+            delivery.content_type,
+        ])?;
+    }
+    match consumption {
+        Consumption::Succeeded(_) => {
+            if unsettled {
+                tx.prepare_cached("UPDATE msg_log SET status = 3, update_time = ?2 WHERE id = ?1")?
+                    .execute(params![delivery.id, now])?;
+            }
+            Ok((ConsumeVerdict::Ack, was_pending))
+        }
+        Consumption::Failed {
+            error,
+            max_attempts,
+            ..
+        } => {
+            let attempts: i64 = tx
+                .prepare_cached(
+                    "UPDATE msg_log SET consume_count = consume_count + 1, last_error = ?2, \
+                     update_time = ?3 WHERE id = ?1 RETURNING consume_count",
+                )?
+                .query_row(params![delivery.id, error, now], |r| r.get(0))?;
+            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            if attempts < *max_attempts {
+                return Ok((ConsumeVerdict::Requeue { attempts }, false));
+            }
+            if unsettled {
+                tx.prepare_cached("UPDATE msg_log SET status = 2 WHERE id = ?1")?
+                    .execute(params![delivery.id])?;
+            }
+            Ok((
+                ConsumeVerdict::GiveUp { attempts },
+                was_pending && unsettled,
+            ))
+        }
+    }
 }
 
 /// Applies publish outcomes; returns how many rows left status 0.
@@ -957,6 +1113,16 @@ impl Reader {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
+    /// The status of row `id`, if there is one.
+    pub fn status_of(&self, id: &str) -> Result<Option<Status>, StoreError> {
+        let conn = self.conn()?;
+        let code: Option<i64> = conn
+            .prepare_cached("SELECT status FROM msg_log WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))
+            .optional()?;
+        Ok(code.and_then(Status::from_code))
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<Row>, StoreError> {
         let conn = self.conn()?;
         let mut stmt =
@@ -1086,7 +1252,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path());
         let conn = open_writer_connection(&cfg.path, Synchronous::Full).unwrap();
-        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         drop(conn);
         open_writer_connection(&cfg.path, Synchronous::Full).unwrap();
@@ -1101,5 +1269,97 @@ mod tests {
         let err = open_writer_connection(&cfg.path, Synchronous::Full).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         assert_eq!(std::fs::read(&cfg.path).unwrap(), junk);
+    }
+
+    fn delivered(id: &str) -> Delivered {
+        Delivered {
+            id: id.into(),
+            exchange: "ex".into(),
+            routing_key: "rk".into(),
+            body: b"body".to_vec(),
+            headers: None,
+            content_type: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn outcomes_move_status_forward_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        let policy = RetryPolicy {
+            max_attempts: 2,
+            retry_interval_ms: 1000,
+        };
+        for id in ["a", "b", "c"] {
+            store.insert(message(id, b"x")).await.unwrap();
+        }
+        let record = |outcomes| async {
+            store
+                .record_outcomes(outcomes, policy)
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        };
+        record(vec![PublishOutcome::Delivered { id: "a".into() }]).await;
+        let rejected = |id: &str| PublishOutcome::Rejected {
+            id: id.into(),
+            error: "312 NO_ROUTE".into(),
+        };
+        record(vec![rejected("b")]).await;
+        let b = store.reader().get("b").unwrap().unwrap();
+        assert_eq!((b.status, b.try_count), (Status::Delivering, 1));
+        assert!(b.next_try_time.unwrap() >= b.update_time.unwrap() + 1000);
+        record(vec![rejected("b")]).await;
+        let b = store.reader().get("b").unwrap().unwrap();
+        assert_eq!((b.status, b.try_count), (Status::Failed, 2));
+        assert_eq!(b.last_error.as_deref(), Some("312 NO_ROUTE"));
+        // The consumer settles c before its confirm arrives: 3 stays.
+        let verdict = store
+            .record_consumption(Consumption::Succeeded(delivered("c")))
+            .await
+            .unwrap();
+        assert_eq!(verdict, ConsumeVerdict::Ack);
+        record(vec![PublishOutcome::Delivered { id: "c".into() }]).await;
+        assert_eq!(
+            store.reader().status_of("c").unwrap(),
+            Some(Status::Consumed)
+        );
+        assert_eq!(
+            store.reader().status_of("a").unwrap(),
+            Some(Status::Delivered)
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn handler_failures_are_counted_in_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        let failed = |id: &str| Consumption::Failed {
+            delivery: delivered(id),
+            error: "exit 1".into(),
+            max_attempts: 2,
+        };
+        // A message this agent did not publish gets a row on first sight.
+        let v = store.record_consumption(failed("foreign")).await.unwrap();
+        assert_eq!(v, ConsumeVerdict::Requeue { attempts: 1 });
+        let row = store.reader().get("foreign").unwrap().unwrap();
+        assert_eq!(row.status, Status::Delivered);
+        assert_eq!(row.body, b"body");
+        let v = store.record_consumption(failed("foreign")).await.unwrap();
+        assert_eq!(v, ConsumeVerdict::GiveUp { attempts: 2 });
+        let row = store.reader().get("foreign").unwrap().unwrap();
+        assert_eq!(row.status, Status::Failed);
+        assert_eq!(row.last_error.as_deref(), Some("exit 1"));
+        store
+            .record_consumption(Consumption::Succeeded(delivered("new")))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.reader().status_of("new").unwrap(),
+            Some(Status::Consumed)
+        );
+        store.close().await;
     }
 }
