@@ -22,8 +22,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, LogFormat};
 use crate::broker::{BrokerError, Connector};
+use crate::config::{Config, LogFormat};
 use crate::publish::{Forwarder, PublishError};
 use crate::resend::Resend;
 use crate::status::{BrokerState, StatusReport};

@@ -345,10 +345,12 @@ pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         .filter(|p| !p.as_os_str().is_empty());
     let path = file.map(Path::to_path_buf).or(from_env);
     let text = match &path {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-            path: p.clone(),
-            source,
-        })?),
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.clone(),
+                source,
+            })?,
+        ),
         None => None,
     };
     let origin = path
@@ -380,12 +382,10 @@ pub fn load_from(
 }
 
 fn from_table(table: toml::Table, origin: Option<&str>) -> Result<Config, ConfigError> {
-    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-        ConfigError::Invalid {
-            key: e.path().to_string(),
-            message: e.inner().to_string(),
-            origin: origin.map(str::to_string),
-        }
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Invalid {
+        key: e.path().to_string(),
+        message: e.inner().to_string(),
+        origin: origin.map(str::to_string),
     })
 }
 
@@ -495,12 +495,18 @@ impl Config {
             _ => {
                 return Err(invalid(
                     "submit.socket_mode",
-                    format!("{:?} is not an octal file mode like \"0660\"", s.socket_mode),
+                    format!(
+                        "{:?} is not an octal file mode like \"0660\"",
+                        s.socket_mode
+                    ),
                 ))
             }
         }
         if s.max_message_size.as_u64() == 0 {
-            return Err(invalid("submit.max_message_size", "must be at least 1 byte"));
+            return Err(invalid(
+                "submit.max_message_size",
+                "must be at least 1 byte",
+            ));
         }
         if s.max_message_size.as_u64() > 128 * 1024 * 1024 {
             return Err(invalid(
@@ -719,10 +725,17 @@ mod tests {
         assert_eq!(c.submit.max_message_size, ByteSize::mib(2));
         let e = load_from(None, "d", &env(&[("EDGE_OUTBOX_STORE_PAHT", "x")])).unwrap_err();
         assert!(e.to_string().contains("EDGE_OUTBOX_STORE_PAHT"), "{e}");
-        let e = load_from(None, "d", &env(&[("EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT", "many")]))
-            .unwrap_err();
+        let e = load_from(
+            None,
+            "d",
+            &env(&[("EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT", "many")]),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("publish.max_in_flight"), "{e}");
-        assert!(e.to_string().contains("EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT"), "{e}");
+        assert!(
+            e.to_string().contains("EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT"),
+            "{e}"
+        );
     }
 
     #[test]

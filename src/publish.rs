@@ -603,13 +603,22 @@ mod tests {
     fn timeouts_count_only_on_a_live_link() {
         let elapsed = tokio_timeout_elapsed();
         let t = Duration::from_secs(1);
-        assert!(matches!(classify("x", &Err(elapsed), t, true), Attempt::Rejected(_)));
+        assert!(matches!(
+            classify("x", &Err(elapsed), t, true),
+            Attempt::Rejected(_)
+        ));
         let elapsed = tokio_timeout_elapsed();
-        assert!(matches!(classify("x", &Err(elapsed), t, false), Attempt::Unknown(_)));
+        assert!(matches!(
+            classify("x", &Err(elapsed), t, false),
+            Attempt::Unknown(_)
+        ));
         let ok: Result<lapin::Result<Confirmation>, _> = Ok(Ok(Confirmation::Ack(None)));
         assert_eq!(classify("x", &ok, t, true), Attempt::Delivered);
         let nack: Result<lapin::Result<Confirmation>, _> = Ok(Ok(Confirmation::Nack(None)));
-        assert!(matches!(classify("x", &nack, t, true), Attempt::Rejected(_)));
+        assert!(matches!(
+            classify("x", &nack, t, true),
+            Attempt::Rejected(_)
+        ));
     }
 
     fn tokio_timeout_elapsed() -> tokio::time::error::Elapsed {

@@ -69,7 +69,12 @@ impl StatusReport {
         let counts = reader.counts()?;
         let oldest = reader.oldest_pending()?;
         Ok(StatusReport {
-            source: if broker.is_some() { "agent" } else { "database" }.into(),
+            source: if broker.is_some() {
+                "agent"
+            } else {
+                "database"
+            }
+            .into(),
             version: env!("CARGO_PKG_VERSION").into(),
             counts,
             oldest_pending_age_ms: oldest.map(|t| (store::now_ms() - t).max(0)),
