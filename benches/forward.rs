@@ -148,11 +148,9 @@ fn agent_drain(queue: &str, messages: usize) -> f64 {
         .stderr(Stdio::null())
         .spawn()
         .expect("start the agent");
-    let reader = rusqlite::Connection::open_with_flags(
-        &db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open db");
+    let reader =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("open db");
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let delivered: i64 = reader
