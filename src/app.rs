@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerError, Connector};
 use crate::config::{Config, LogFormat};
+use crate::consume::Consumer;
 use crate::publish::{Forwarder, PublishError};
 use crate::resend::Resend;
 use crate::status::{BrokerState, StatusReport};
@@ -57,6 +58,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
     let publish_connector = Connector::new(&config.broker, "publisher")?;
+    let consumer_connector = if config.consumer.queue.is_empty() {
+        None
+    } else {
+        Some(Connector::new(&config.broker, "consumer")?)
+    };
     let store = {
         let store_config = config.store.clone();
         tokio::task::spawn_blocking(move || Store::open(&store_config))
@@ -104,6 +110,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     spawn(&mut tasks, "publish", forwarder.run(shutdown.clone()));
     let resend = Resend::new(config.publish.resend_every, passes);
     spawn(&mut tasks, "resend", resend.run(shutdown.clone()));
+    if let Some(connector) = consumer_connector {
+        let consumer = Consumer::new(config.consumer.clone(), connector, store.clone());
+        spawn(&mut tasks, "consume", consumer.run(shutdown.clone()));
+    }
 
     let mut failure = None;
     tokio::select! {

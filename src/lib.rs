@@ -12,6 +12,7 @@
 //! - [`submit`]: the Unix-socket protocol server;
 //! - [`broker`]: reaching RabbitMQ: targets, connection attempts, backoff;
 //! - [`publish`]: the forwarder to RabbitMQ: connection, confirms, outcomes;
+//! - [`consume`]: the idempotent manual-ack consumer and its handlers;
 //! - [`resend`]: what is due next (the backlog walk) and the periodic pass;
 //! - [`status`]: the status report shared by the socket and the CLI;
 //! - [`app`]: the only module that wires components together and supervises them;
@@ -21,6 +22,7 @@ pub mod app;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod consume;
 pub mod publish;
 pub mod resend;
 pub mod status;
