@@ -26,6 +26,7 @@ use crate::broker::{BrokerError, Connector};
 use crate::config::{Config, LogFormat};
 use crate::consume::Consumer;
 use crate::publish::{Forwarder, PublishError};
+use crate::purge::Purge;
 use crate::resend::Resend;
 use crate::status::{BrokerState, StatusReport};
 use crate::store::{Store, StoreError};
@@ -110,6 +111,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     spawn(&mut tasks, "publish", forwarder.run(shutdown.clone()));
     let resend = Resend::new(config.publish.resend_every, passes);
     spawn(&mut tasks, "resend", resend.run(shutdown.clone()));
+    let purge = Purge::new(config.purge.clone(), store.clone());
+    spawn(&mut tasks, "purge", purge.run(shutdown.clone()));
     if let Some(connector) = consumer_connector {
         let consumer = Consumer::new(config.consumer.clone(), connector, store.clone());
         spawn(&mut tasks, "consume", consumer.run(shutdown.clone()));

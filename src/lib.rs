@@ -13,6 +13,7 @@
 //! - [`broker`]: reaching RabbitMQ: targets, connection attempts, backoff;
 //! - [`publish`]: the forwarder to RabbitMQ: connection, confirms, outcomes;
 //! - [`consume`]: the idempotent manual-ack consumer and its handlers;
+//! - [`purge`]: the daily and on-demand deletion of old settled rows;
 //! - [`resend`]: what is due next (the backlog walk) and the periodic pass;
 //! - [`status`]: the status report shared by the socket and the CLI;
 //! - [`app`]: the only module that wires components together and supervises them;
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod publish;
+pub mod purge;
 pub mod resend;
 pub mod status;
 pub mod store;

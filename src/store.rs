@@ -210,7 +210,47 @@ enum WriteRequest {
         result: Consumption,
         reply: oneshot::Sender<Result<ConsumeVerdict, StoreError>>,
     },
+    Purge {
+        cutoffs: PurgeCutoffs,
+        limit: u32,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
     Stop,
+}
+
+/// Rows the purge may delete: status 1 and 3 created before
+/// `settled_before`, status 2 created before `failed_before`. Never status 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeCutoffs {
+    pub settled_before: i64,
+    pub failed_before: i64,
+}
+
+/// Deletes up to `limit` purgeable rows, oldest first; returns how many.
+fn purge_batch(conn: &Connection, cutoffs: PurgeCutoffs, limit: u32) -> Result<u64, StoreError> {
+    // Two index lookups rather than one OR: each walks the status index in
+    // rowid (age) order, so old rows are found first.
+    let deleted = conn
+        .prepare_cached(
+            "DELETE FROM msg_log WHERE rowid IN ( \
+           SELECT rowid FROM msg_log WHERE status IN (1, 3) AND create_time < ?1 \
+           UNION ALL \
+           SELECT rowid FROM msg_log WHERE status = 2 AND create_time < ?2 \
+           LIMIT ?3)",
+        )?
+        .execute(params![
+            cutoffs.settled_before,
+            cutoffs.failed_before,
+            limit
+        ])?;
+    Ok(deleted as u64)
+}
+
+/// Hands freed pages back to the filesystem (the database uses
+/// `auto_vacuum = INCREMENTAL`).
+fn reclaim(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch("PRAGMA incremental_vacuum")?;
+    Ok(())
 }
 
 /// A delivery as the consumer saw it (enough to insert the row for a
@@ -464,6 +504,21 @@ impl Store {
         Pending(answer).await
     }
 
+    /// Deletes one batch of purgeable rows in its own transaction (shared
+    /// with whatever else the writer holds); returns how many.
+    pub async fn purge_batch(&self, cutoffs: PurgeCutoffs, limit: u32) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(WriteRequest::Purge {
+                cutoffs,
+                limit,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Pending(answer).await
+    }
+
     /// Notified after every commit that stored new rows: the forwarder's cue.
     pub fn new_rows(&self) -> Arc<Notify> {
         self.new_rows.clone()
@@ -527,6 +582,7 @@ enum Reply {
         oneshot::Sender<Result<ConsumeVerdict, StoreError>>,
         ConsumeVerdict,
     ),
+    Purge(oneshot::Sender<Result<u64, StoreError>>, u64),
 }
 
 impl Reply {
@@ -555,6 +611,14 @@ impl Reply {
                 false
             }
             (Reply::Consumption(tx, _), Some((e, m))) => {
+                let _ = tx.send(Err(same_kind(e, m)));
+                false
+            }
+            (Reply::Purge(tx, deleted), None) => {
+                let _ = tx.send(Ok(deleted));
+                false
+            }
+            (Reply::Purge(tx, _), Some((e, m))) => {
                 let _ = tx.send(Err(same_kind(e, m)));
                 false
             }
@@ -647,6 +711,9 @@ impl Writer {
             let _ = self.recount_pending();
         }
         let pending_before = self.pending;
+        let purged = group
+            .iter()
+            .any(|r| matches!(r, WriteRequest::Purge { .. }));
         let mut replies = Vec::with_capacity(group.len());
         let outcome = self.apply(group, &mut replies);
         let mut inserted_any = false;
@@ -667,6 +734,11 @@ impl Writer {
         }
         if inserted_any {
             self.new_rows.notify_one();
+        }
+        if purged {
+            if let Err(e) = reclaim(&self.conn) {
+                tracing::warn!(error = %e, "could not hand freed pages back to the filesystem");
+            }
         }
     }
 
@@ -739,6 +811,20 @@ impl Writer {
                         }
                     }
                     replies.push(Reply::Consumption(reply, verdict));
+                }
+                WriteRequest::Purge {
+                    cutoffs,
+                    limit,
+                    reply,
+                } => {
+                    let mut deleted = 0;
+                    if let (Some(tx), Ok(())) = (&tx, &result) {
+                        match purge_batch(tx, cutoffs, limit) {
+                            Ok(n) => deleted = n,
+                            Err(e) => result = Err(e),
+                        }
+                    }
+                    replies.push(Reply::Purge(reply, deleted));
                 }
                 WriteRequest::Stop => {}
             }
@@ -1113,6 +1199,18 @@ impl Reader {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
+    /// How many rows a purge with `cutoffs` would delete.
+    pub fn purgeable(&self, cutoffs: PurgeCutoffs) -> Result<u64, StoreError> {
+        let conn = self.conn()?;
+        let n: i64 = conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM msg_log WHERE status IN (1, 3) AND create_time < ?1) \
+                  + (SELECT COUNT(*) FROM msg_log WHERE status = 2 AND create_time < ?2)",
+            params![cutoffs.settled_before, cutoffs.failed_before],
+            |r| r.get(0),
+        )?;
+        Ok(n.max(0) as u64)
+    }
+
     /// The status of row `id`, if there is one.
     pub fn status_of(&self, id: &str) -> Result<Option<Status>, StoreError> {
         let conn = self.conn()?;
@@ -1170,6 +1268,21 @@ impl Admin {
         }
         tx.commit()?;
         Ok(skipped)
+    }
+
+    /// One purge batch in its own `BEGIN IMMEDIATE` transaction.
+    pub fn purge_batch(&mut self, cutoffs: PurgeCutoffs, limit: u32) -> Result<u64, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let deleted = purge_batch(&tx, cutoffs, limit)?;
+        tx.commit()?;
+        Ok(deleted)
+    }
+
+    /// Hands freed pages back to the filesystem.
+    pub fn reclaim(&mut self) -> Result<(), StoreError> {
+        reclaim(&self.conn)
     }
 
     /// Moves every failed row back to delivering. Returns how many.
@@ -1360,6 +1473,54 @@ mod tests {
             store.reader().status_of("new").unwrap(),
             Some(Status::Consumed)
         );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn purge_deletes_old_settled_rows_in_batches_never_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&config(dir.path())).unwrap();
+        // (id, status, age in days)
+        let rows = [
+            ("old-pending", 0, 400),
+            ("old-delivered", 1, 40),
+            ("old-consumed", 3, 40),
+            ("new-delivered", 1, 1),
+            ("old-failed", 2, 40),
+            ("very-old-failed", 2, 100),
+            ("very-old-consumed", 3, 100),
+        ];
+        for (id, _, _) in rows {
+            store.insert(message(id, b"x")).await.unwrap();
+        }
+        let now = now_ms();
+        let mut admin = Admin::open(&dir.path().join("t.db")).unwrap();
+        for (id, status, days) in rows {
+            admin
+                .conn
+                .execute(
+                    "UPDATE msg_log SET status = ?2, create_time = ?3 WHERE id = ?1",
+                    params![id, status, now - days * 86_400_000],
+                )
+                .unwrap();
+        }
+        let cutoffs = PurgeCutoffs {
+            settled_before: now - 30 * 86_400_000,
+            failed_before: now - 90 * 86_400_000,
+        };
+        assert_eq!(store.reader().purgeable(cutoffs).unwrap(), 4);
+        assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap(), 3);
+        assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap(), 1);
+        assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap(), 0);
+        let mut left: Vec<String> = store
+            .reader()
+            .list(None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        left.sort();
+        assert_eq!(left, ["new-delivered", "old-failed", "old-pending"]);
         store.close().await;
     }
 }

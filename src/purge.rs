@@ -1,0 +1,171 @@
+//! Purge: deletes old settled rows so the database stays small
+//! (`SPEC.md`, "Purge").
+//!
+//! Role: daily at `purge.at` (local time), and on demand (`edge-outbox
+//! purge`), delete rows created more than `purge.retention` ago whose status
+//! is 1 (delivered) or 3 (consumed), and status-2 (failed) rows created more
+//! than `purge.failed_retention` ago; then hand the freed pages back to the
+//! filesystem (incremental vacuum).
+//!
+//! Invariants:
+//! - Status 0 is never deleted: the purge's SQL cannot select it.
+//! - At most `purge.batch_size` rows per transaction, so a submit waits for
+//!   one small batch at most, never for the whole purge.
+//! - A purge that fails part-way leaves consistent data: each batch is
+//!   committed or not; the next run goes on.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Local, NaiveTime, TimeZone};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{parse_time_of_day, PurgeConfig};
+use crate::store::{now_ms, Admin, PurgeCutoffs, Reader, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What one purge did (or, dry, would do).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    pub deleted: u64,
+    pub batches: u64,
+}
+
+/// The cutoffs for a purge at `now` (epoch ms).
+pub fn cutoffs(config: &PurgeConfig, now: i64) -> PurgeCutoffs {
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    PurgeCutoffs {
+        settled_before: now.saturating_sub(ms(config.retention)),
+        failed_before: now.saturating_sub(ms(config.failed_retention)),
+    }
+}
+
+/// The purge job of the running agent: its deletes go through the store's
+/// writer, one batch per transaction.
+pub struct Purge {
+    config: PurgeConfig,
+    store: Store,
+}
+
+impl Purge {
+    pub fn new(config: PurgeConfig, store: Store) -> Self {
+        Purge { config, store }
+    }
+
+    /// One whole purge, batch after batch.
+    pub async fn run_once(&self) -> Result<PurgeReport, PurgeError> {
+        let cutoffs = cutoffs(&self.config, now_ms());
+        let mut report = PurgeReport::default();
+        loop {
+            let deleted = self
+                .store
+                .purge_batch(cutoffs, self.config.batch_size)
+                .await?;
+            report.deleted += deleted;
+            report.batches += 1;
+            if deleted < u64::from(self.config.batch_size) {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Purges daily at `purge.at`, local time, until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), PurgeError> {
+        loop {
+            let wait = until_next(&self.config.at, Local::now());
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let started = std::time::Instant::now();
+            let report = self.run_once().await?;
+            tracing::info!(
+                deleted = report.deleted,
+                batches = report.batches,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "purge done"
+            );
+        }
+    }
+}
+
+/// Time from `now` to the next `at` ("HH:MM", local). A time that does not
+/// exist today (a DST gap) falls back to the next hour.
+pub fn until_next<Tz: TimeZone>(at: &str, now: DateTime<Tz>) -> Duration {
+    let minutes = parse_time_of_day(at).unwrap_or(180);
+    let time = NaiveTime::from_hms_opt(minutes / 60, minutes % 60, 0).unwrap_or(NaiveTime::MIN);
+    let tz = now.timezone();
+    let mut day = now.date_naive();
+    for _ in 0..3 {
+        let candidate = tz
+            .from_local_datetime(&day.and_time(time))
+            .earliest()
+            .or_else(|| {
+                tz.from_local_datetime(&(day.and_time(time) + chrono::Duration::hours(1)))
+                    .earliest()
+            });
+        if let Some(candidate) = candidate.filter(|c| *c > now) {
+            return (candidate - now.clone()).to_std().unwrap_or(Duration::ZERO);
+        }
+        day = day.succ_opt().unwrap_or(day);
+    }
+    Duration::from_secs(86_400)
+}
+
+/// The CLI's purge, on its own connection (the agent may be running).
+/// `dry_run` only counts.
+pub fn purge_database(
+    path: &std::path::Path,
+    config: &PurgeConfig,
+    dry_run: bool,
+) -> Result<PurgeReport, PurgeError> {
+    let cutoffs = cutoffs(config, now_ms());
+    if dry_run {
+        let deleted = Reader::open(path)?.purgeable(cutoffs)?;
+        return Ok(PurgeReport {
+            deleted,
+            batches: 0,
+        });
+    }
+    let mut admin = Admin::open(path)?;
+    let mut report = PurgeReport::default();
+    loop {
+        let deleted = admin.purge_batch(cutoffs, config.batch_size)?;
+        report.deleted += deleted;
+        report.batches += 1;
+        if deleted < u64::from(config.batch_size) {
+            break;
+        }
+    }
+    admin.reclaim()?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{FixedOffset, Utc};
+
+    #[test]
+    fn next_run_is_later_today_or_tomorrow() {
+        let tz = FixedOffset::east_opt(3600).unwrap();
+        let now = tz.with_ymd_and_hms(2026, 11, 27, 2, 0, 0).unwrap();
+        assert_eq!(until_next("03:00", now), Duration::from_secs(3600));
+        let now = tz.with_ymd_and_hms(2026, 11, 27, 3, 0, 0).unwrap();
+        assert_eq!(until_next("03:00", now), Duration::from_secs(86_400));
+        let now = Utc.with_ymd_and_hms(2026, 11, 27, 23, 59, 0).unwrap();
+        assert_eq!(until_next("00:00", now), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn cutoffs_follow_the_retentions() {
+        let config = PurgeConfig::default();
+        let c = cutoffs(&config, 100 * 86_400_000);
+        assert_eq!(c.settled_before, 70 * 86_400_000);
+        assert_eq!(c.failed_before, 10 * 86_400_000);
+    }
+}
