@@ -10,6 +10,8 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod broker;
+pub mod proxy;
 
 use std::time::{Duration, Instant};
 
