@@ -438,7 +438,11 @@ async fn serve(
             ),
         )),
         (Some(_), Ok(cred)) if !authorized(&shared.config, cred.uid(), cred.gid()) => {
-            tracing::warn!(uid = cred.uid(), gid = cred.gid(), "refused a client by its credentials");
+            tracing::warn!(
+                uid = cred.uid(),
+                gid = cred.gid(),
+                "refused a client by its credentials"
+            );
             Some(Refusal::new(
                 ErrorCode::Unauthorized,
                 format!(
@@ -493,6 +497,10 @@ async fn read_requests(
             shared.config.idle_timeout
         };
         let read = tokio::select! {
+            // Shutdown first: once it has begun (the socket file is gone), a
+            // line that arrives is refused, never stored by the luck of a
+            // random branch order.
+            biased;
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
                 continue;
@@ -560,11 +568,18 @@ async fn write_answers(
                 if let Err(e) = &result {
                     tracing::debug!(message_id = %id, error = %e, "submit refused");
                 }
-                answer_line(&result.map(|inserted| (id, inserted)).map_err(|e| Refusal::from(&e)))
+                answer_line(
+                    &result
+                        .map(|inserted| (id, inserted))
+                        .map_err(|e| Refusal::from(&e)),
+                )
             }
             PendingAnswer::Status => status_line(&shared).await,
         };
-        if !matches!(tokio::time::timeout(idle, out.write_all(&line)).await, Ok(Ok(()))) {
+        if !matches!(
+            tokio::time::timeout(idle, out.write_all(&line)).await,
+            Ok(Ok(()))
+        ) {
             return;
         }
     }
@@ -703,11 +718,26 @@ mod tests {
             (r#"{"routing_key":"k","payload":1}"#, "exchange"),
             (r#"{"exchange":"e","payload":1}"#, "routing_key"),
             (r#"{"exchange":"e","routing_key":"k"}"#, "payload"),
-            (r#"{"exchange":"e","routing_key":"k","payload":1,"payload_base64":"AA=="}"#, "not both"),
-            (r#"{"exchange":"e","routing_key":"k","payload_base64":"!!"}"#, "base64"),
-            (r#"{"exchange":"e","routing_key":"k","payload":1,"id":""}"#, "id"),
-            (r#"{"exchange":"e","routing_key":"k","payload":1,"headers":{"a":[1]}}"#, "header"),
-            (r#"{"exchange":"e","routing_key":"k","payload":1,"colour":"red"}"#, "colour"),
+            (
+                r#"{"exchange":"e","routing_key":"k","payload":1,"payload_base64":"AA=="}"#,
+                "not both",
+            ),
+            (
+                r#"{"exchange":"e","routing_key":"k","payload_base64":"!!"}"#,
+                "base64",
+            ),
+            (
+                r#"{"exchange":"e","routing_key":"k","payload":1,"id":""}"#,
+                "id",
+            ),
+            (
+                r#"{"exchange":"e","routing_key":"k","payload":1,"headers":{"a":[1]}}"#,
+                "header",
+            ),
+            (
+                r#"{"exchange":"e","routing_key":"k","payload":1,"colour":"red"}"#,
+                "colour",
+            ),
             (r#"{"op":"dance"}"#, "unknown op"),
         ] {
             let err = parse_request(line.as_bytes(), 1024).unwrap_err();
@@ -715,19 +745,26 @@ mod tests {
             assert!(err.message.contains(needle), "{line}: {}", err.message);
         }
         let long = "x".repeat(256);
-        let err = submit(&format!(r#"{{"exchange":"{long}","routing_key":"k","payload":1}}"#))
-            .unwrap_err();
+        let err = submit(&format!(
+            r#"{{"exchange":"{long}","routing_key":"k","payload":1}}"#
+        ))
+        .unwrap_err();
         assert!(err.message.contains("255"), "{}", err.message);
     }
 
     #[test]
     fn size_limit_is_on_the_decoded_body() {
         let big = "x".repeat(1025);
-        let err = submit(&format!(r#"{{"exchange":"","routing_key":"","payload":"{big}"}}"#))
-            .unwrap_err();
+        let err = submit(&format!(
+            r#"{{"exchange":"","routing_key":"","payload":"{big}"}}"#
+        ))
+        .unwrap_err();
         assert_eq!(err.code, ErrorCode::TooLarge);
         let ok = "x".repeat(1024);
-        assert!(submit(&format!(r#"{{"exchange":"","routing_key":"","payload":"{ok}"}}"#)).is_ok());
+        assert!(submit(&format!(
+            r#"{{"exchange":"","routing_key":"","payload":"{ok}"}}"#
+        ))
+        .is_ok());
         let encoded = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 1025]);
         let err = submit(&format!(
             r#"{{"exchange":"","routing_key":"","payload_base64":"{encoded}"}}"#
@@ -740,9 +777,15 @@ mod tests {
     async fn line_reader_skips_long_lines_and_keeps_going() {
         let input: &[u8] = b"short\n0123456789abcdef\r\n\nlast";
         let mut lines = LineReader::new(input, 8);
-        assert_eq!(lines.next_line().await.unwrap(), Line::Complete(b"short".to_vec()));
+        assert_eq!(
+            lines.next_line().await.unwrap(),
+            Line::Complete(b"short".to_vec())
+        );
         assert!(matches!(lines.next_line().await.unwrap(), Line::TooLong(_)));
-        assert_eq!(lines.next_line().await.unwrap(), Line::Complete(b"last".to_vec()));
+        assert_eq!(
+            lines.next_line().await.unwrap(),
+            Line::Complete(b"last".to_vec())
+        );
         assert_eq!(lines.next_line().await.unwrap(), Line::Eof);
     }
 }
