@@ -209,7 +209,10 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json, .. } => status(&config, json),
         Command::List {
-            status, limit, json, ..
+            status,
+            limit,
+            json,
+            ..
         } => {
             let status = status.as_deref().and_then(Status::from_name);
             let rows = Reader::open(&config.store.path)?.list(status, limit)?;
@@ -244,7 +247,9 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             let moved = ids.len() - skipped.len();
             println!("{moved} message(s) moved back to delivering");
             for id in &skipped {
-                eprintln!("edge-outbox: {id}: not a failed message (missing, or in another status)");
+                eprintln!(
+                    "edge-outbox: {id}: not a failed message (missing, or in another status)"
+                );
             }
             Ok(if skipped.is_empty() {
                 ExitCode::SUCCESS
@@ -257,7 +262,12 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
 
 fn effective_config(config: &Config) -> anyhow::Result<String> {
     let mut shown = config.clone();
-    shown.broker.urls = shown.broker.urls.iter().map(|u| config::redact_url(u)).collect();
+    shown.broker.urls = shown
+        .broker
+        .urls
+        .iter()
+        .map(|u| config::redact_url(u))
+        .collect();
     Ok(toml::to_string(&shown)?)
 }
 
@@ -275,7 +285,10 @@ fn single_request(
     payload: Option<String>,
 ) -> anyhow::Result<Value> {
     let mut request = Map::new();
-    request.insert("exchange".into(), json!(defaults.exchange.clone().unwrap_or_default()));
+    request.insert(
+        "exchange".into(),
+        json!(defaults.exchange.clone().unwrap_or_default()),
+    );
     request.insert(
         "routing_key".into(),
         json!(defaults.routing_key.clone().unwrap_or_default()),
@@ -342,13 +355,18 @@ async fn ask_agent(socket: &Path, request: &Value) -> anyhow::Result<Value> {
     let (read_half, mut write_half) = stream.into_split();
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    write_half.write_all(&line).await?;
+    // An agent that refuses the connection (unauthorized, too many
+    // connections) answers and closes without reading: the write may fail
+    // with a broken pipe while its answer is waiting to be read.
+    let written = write_half.write_all(&line).await;
     let mut answer = String::new();
     let mut reader = BufReader::new(read_half);
-    tokio::time::timeout(CLIENT_TIMEOUT, reader.read_line(&mut answer))
+    let read = tokio::time::timeout(CLIENT_TIMEOUT, reader.read_line(&mut answer))
         .await
-        .map_err(|_| anyhow!("the agent did not answer within {CLIENT_TIMEOUT:?}"))??;
+        .map_err(|_| anyhow!("the agent did not answer within {CLIENT_TIMEOUT:?}"))?;
     if answer.is_empty() {
+        written.context("sending the request to the agent")?;
+        read.context("reading the agent's answer")?;
         bail!("the agent closed the connection without answering");
     }
     serde_json::from_str(&answer).context("the agent's answer is not JSON")
@@ -449,10 +467,13 @@ async fn submit_bulk(socket: &Path, defaults: &RequestDefaults) -> anyhow::Resul
 fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let from_agent = runtime()?.block_on(async {
         let socket = &config.submit.socket;
-        tokio::time::timeout(Duration::from_secs(5), ask_agent(socket, &json!({"op":"status"})))
-            .await
-            .ok()
-            .and_then(Result::ok)
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            ask_agent(socket, &json!({"op":"status"})),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
     });
     let report: StatusReport = match from_agent {
         Some(mut answer) => {
@@ -477,10 +498,10 @@ fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
 
 fn format_time(ms: Option<i64>) -> String {
     match ms.and_then(|ms| u64::try_from(ms).ok()) {
-        Some(ms) => humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + Duration::from_millis(ms),
-        )
-        .to_string(),
+        Some(ms) => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string()
+        }
         None => "-".into(),
     }
 }
@@ -512,7 +533,11 @@ fn print_status(r: &StatusReport) {
             b.url.as_deref().unwrap_or("?"),
             format_time(b.since),
             b.in_flight,
-            if b.blocked { " (blocked by the broker)" } else { "" }
+            if b.blocked {
+                " (blocked by the broker)"
+            } else {
+                ""
+            }
         ),
         Some(b) => println!(
             "broker:    not connected{}{}",
@@ -585,11 +610,18 @@ fn print_row(r: &Row) {
     println!("created:       {}", format_time(r.create_time));
     println!("updated:       {}", format_time(r.update_time));
     println!("next try:      {}", format_time(r.next_try_time));
-    println!("content type:  {}", r.content_type.as_deref().unwrap_or("-"));
+    println!(
+        "content type:  {}",
+        r.content_type.as_deref().unwrap_or("-")
+    );
     println!("headers:       {}", r.headers.as_deref().unwrap_or("-"));
     println!("last error:    {}", r.last_error.as_deref().unwrap_or("-"));
     if r.body_is_text {
-        println!("body ({} bytes):\n{}", r.body.len(), String::from_utf8_lossy(&r.body));
+        println!(
+            "body ({} bytes):\n{}",
+            r.body.len(),
+            String::from_utf8_lossy(&r.body)
+        );
     } else {
         println!(
             "body ({} bytes, base64):\n{}",
