@@ -15,11 +15,14 @@
 //! The restartable node is started once and then left running for later test
 //! processes and runs (like the shared broker); its state lives in
 //! [`NODE_DIR`]. Node operations block (they run `rabbitmqctl`): from an async
-//! test call them inside `tokio::task::block_in_place` or `spawn_blocking`.
+//! test call them inside `tokio::task::block_in_place` (multi-thread flavor)
+//! or `spawn_blocking`. A test waiting for the exclusive guard holds its
+//! nextest slot while it waits; a nextest test group with `max-threads = 1`
+//! for such tests keeps the other slots busy.
 //!
-//! Timings on the 2-core test machine: a full boot ~5-6 s, `stop` (stop_app)
-//! ~1 s, `start` after `stop` ~1.5 s, `halt` ~1 s, `kill9` a few ms; `start`
-//! after `halt` or `kill9` is a full boot again.
+//! Timings measured on the 2-core test machine: a full boot 4-8 s (more while
+//! cargo builds), `stop` (stop_app) ~1.4 s, `start` after `stop` ~2 s, `halt`
+//! ~2.3 s, `kill9` ~20 ms; `start` after `halt` or `kill9` is a full boot.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
