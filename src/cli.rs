@@ -475,6 +475,20 @@ fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(Result::ok)
     });
+    // An agent that refuses us (unauthorized, too many connections) is no
+    // reason to fail: the database has the counts.
+    let from_agent = from_agent.filter(|answer| {
+        let ok = answer["ok"] == Value::Bool(true);
+        if !ok {
+            eprintln!(
+                "edge-outbox: the agent refused the status request ({}: {}); \
+                 reading the database instead",
+                answer["error"].as_str().unwrap_or("unknown"),
+                answer["message"].as_str().unwrap_or("")
+            );
+        }
+        ok
+    });
     let report: StatusReport = match from_agent {
         Some(mut answer) => {
             if let Value::Object(map) = &mut answer {

@@ -221,6 +221,11 @@ fn unauthorized_peers_are_refused_and_closed() {
     let out = agent.cli(&["submit", "--exchange", "", "--routing-key", "", "x"]);
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("unauthorized"), "{out:?}");
+    // `status` from a user the agent refuses still reads the database.
+    let out = agent.cli(&["status", "--json"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["source"], json!("database"), "{out:?}");
+    assert!(out.stderr.contains("unauthorized"), "{out:?}");
 }
 
 #[test]
