@@ -257,6 +257,112 @@ fn shutting_down_is_answered_after_sigterm_then_the_agent_exits_0() {
     assert_eq!(status_of(&agent, "late"), None);
 }
 
+#[test]
+fn sigint_stops_the_agent_like_sigterm() {
+    let mut agent = Agent::start();
+    ok_id(&agent.client().submit("ex", "rk", json!(1)));
+    agent.signal("INT");
+    let status = agent.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(!agent.socket.exists(), "the socket file was left behind");
+    assert_eq!(agent.rows(), 1);
+}
+
+/// A second signal ends the agent at once, even while a client keeps a
+/// connection draining.
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut agent = Agent::start();
+    let mut c = agent.client();
+    ok_id(&c.submit("ex", "rk", json!(1)));
+    agent.terminate();
+    let socket = agent.socket.clone();
+    wait_until("the socket file to go", Duration::from_secs(10), || {
+        !socket.exists()
+    });
+    // Keep the connection busy: every line resets its drain grace.
+    let mut writer = c.writer();
+    let keep_busy = std::thread::spawn(move || {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            let line = b"{\"exchange\":\"\",\"routing_key\":\"\",\"payload\":1}\n";
+            if writer.write_all(line).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100)); // pacing, not a wait
+        }
+    });
+    refused(&c.answer(), "shutting_down");
+    refused(&c.answer(), "shutting_down");
+    assert!(agent.is_running(), "the agent stopped draining early");
+    let signalled = Instant::now();
+    agent.terminate();
+    let status = agent.wait_exit(Duration::from_secs(5));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "took {:?} after the second signal",
+        signalled.elapsed()
+    );
+    eprintln!("exit status after the second signal: {status}");
+    drop(c);
+    let _ = keep_busy.join();
+    assert_eq!(agent.rows(), 1);
+}
+
+/// SIGTERM in the middle of a pipelined burst: what was read before is
+/// answered (and stored when ok), what comes after is `shutting_down`,
+/// nothing acknowledged is lost, and the agent exits 0.
+#[test]
+fn sigterm_during_a_pipelined_burst_answers_in_order_and_loses_nothing() {
+    const N: usize = 20_000;
+    let mut agent = Agent::start();
+    let mut c = agent.client();
+    let mut writer = c.writer();
+    let sender = std::thread::spawn(move || {
+        let mut out = std::io::BufWriter::new(&mut writer);
+        for i in 0..N {
+            let line = json!({"exchange": "ex", "routing_key": "rk", "id": format!("t-{i}"), "payload": i});
+            if writeln!(out, "{line}").is_err() {
+                return;
+            }
+        }
+        let _ = out.flush();
+    });
+    let mut ok = Vec::new();
+    let mut late = 0;
+    let mut i = 0;
+    while let Some(answer) = c.read_answer() {
+        if answer["ok"] == json!(true) {
+            assert_eq!(late, 0, "ok after shutting_down: {answer}");
+            assert_eq!(ok_id(&answer), format!("t-{i}"));
+            ok.push(format!("t-{i}"));
+        } else {
+            refused(&answer, "shutting_down");
+            late += 1;
+        }
+        i += 1;
+        if i == 1_000 {
+            agent.terminate();
+        }
+    }
+    let _ = sender.join();
+    let status = agent.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(ok.len() >= 1_000, "{} ok", ok.len());
+    assert!(i <= N);
+    eprintln!(
+        "{} ok, {late} shutting_down, {} unanswered",
+        ok.len(),
+        N - i
+    );
+    assert_all_stored(&agent, &ok);
+    assert_eq!(
+        agent.rows(),
+        ok.len() as i64,
+        "refused requests were stored"
+    );
+}
+
 // ---------------------------------------------------------- load and order
 
 #[test]
