@@ -1184,6 +1184,100 @@ fn run_with_env(agent: &Agent, args: &[&str], env: &[(&str, &str)]) -> common::a
     common::agent::run_bin(cmd, agent.path(), args, b"")
 }
 
+/// The database the agent creates: WAL, the spec's columns, a row as the
+/// spec describes it.
+#[test]
+fn the_database_is_wal_with_the_spec_schema() {
+    let agent = Agent::start();
+    let id = ok_id(&agent.client().request(&json!({
+        "exchange": "userExchange", "routing_key": "user", "payload": {"name": "yolo"},
+        "headers": {"a": 1, "b": "two", "c": true},
+    })));
+    let conn = agent.db();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .expect("journal_mode");
+    assert_eq!(mode, "wal");
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("user_version");
+    assert!(version >= 1, "user_version {version}");
+    let mut stmt = conn
+        .prepare("SELECT name, type FROM pragma_table_info('msg_log')")
+        .expect("table_info");
+    let columns: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("columns")
+        .map(|c| c.expect("column"))
+        .collect();
+    for (name, kind) in [
+        ("id", "TEXT"),
+        ("msg", "TEXT"),
+        ("exchange", "TEXT"),
+        ("routing_key", "TEXT"),
+        ("status", "INTEGER"),
+        ("try_count", "INTEGER"),
+        ("next_try_time", "INTEGER"),
+        ("create_time", "INTEGER"),
+        ("update_time", "INTEGER"),
+    ] {
+        assert!(
+            columns.iter().any(|(n, k)| n == name && k == kind),
+            "column {name} {kind} missing: {columns:?}"
+        );
+    }
+    let (msg, exchange, rk, status, tries, next, created, updated, headers, ctype): (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        String,
+        String,
+    ) = conn
+        .query_row(
+            "SELECT msg, exchange, routing_key, status, try_count, next_try_time, \
+             create_time, update_time, headers, content_type FROM msg_log WHERE id = ?1",
+            [&id],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                    r.get(9)?,
+                ))
+            },
+        )
+        .expect("the row");
+    assert_eq!(msg, r#"{"name":"yolo"}"#);
+    assert_eq!((exchange.as_str(), rk.as_str()), ("userExchange", "user"));
+    assert_eq!((status, tries), (0, 0));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    assert!(
+        (now - created).abs() < 60_000,
+        "create_time {created} is not epoch ms"
+    );
+    assert!(
+        updated >= created && next >= created - 1,
+        "{updated} {next} {created}"
+    );
+    let headers: Value = serde_json::from_str(&headers).expect("headers JSON");
+    assert_eq!(headers, json!({"a": 1, "b": "two", "c": true}));
+    assert_eq!(ctype, "application/json");
+}
+
 /// The agent's log says what it is doing (and has no password in it).
 #[test]
 fn the_log_names_the_socket_and_database() {
