@@ -28,6 +28,7 @@ use crate::consume::Consumer;
 use crate::publish::{Forwarder, PublishError};
 use crate::purge::Purge;
 use crate::resend::Resend;
+use crate::service::{self, Prober, Watchdog};
 use crate::status::{BrokerState, StatusReport};
 use crate::store::{Store, StoreError};
 use crate::submit::{StatusSource, SubmitError, SubmitServer, SubmitSocket};
@@ -87,6 +88,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         "edge-outbox ready"
     );
 
+    service::ready();
     let broker = BrokerState::default();
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
@@ -102,15 +104,23 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     };
     let server = SubmitServer::new(socket, config.submit.clone(), store.clone(), status_source);
     spawn(&mut tasks, "submit", server.run(shutdown.clone()));
+    let (forwarder_prober, forwarder_probes) = Prober::new("publish");
     let (forwarder, passes) = Forwarder::new(
         config.publish.clone(),
         publish_connector,
         store.clone(),
         broker.clone(),
+        forwarder_probes,
     );
     spawn(&mut tasks, "publish", forwarder.run(shutdown.clone()));
     let resend = Resend::new(config.publish.resend_every, passes);
     spawn(&mut tasks, "resend", resend.run(shutdown.clone()));
+    if let Some(interval) = service::watchdog_interval() {
+        let watchdog = Watchdog::new(interval, store.clone(), vec![forwarder_prober]);
+        spawn(&mut tasks, "watchdog", watchdog.run(shutdown.clone()));
+    } else {
+        drop(forwarder_prober);
+    }
     let purge = Purge::new(config.purge.clone(), store.clone());
     spawn(&mut tasks, "purge", purge.run(shutdown.clone()));
     if let Some(connector) = consumer_connector {
@@ -124,6 +134,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
         Some(ended) = tasks.join_next() => failure = task_failure(ended),
     }
+    service::stopping();
     shutdown.cancel();
     // A second signal means "now".
     tokio::spawn(async move {

@@ -15,6 +15,7 @@
 //! - [`consume`]: the idempotent manual-ack consumer and its handlers;
 //! - [`purge`]: the daily and on-demand deletion of old settled rows;
 //! - [`resend`]: what is due next (the backlog walk) and the periodic pass;
+//! - [`service`]: systemd notifications: READY, STOPPING, a progress-checked watchdog;
 //! - [`status`]: the status report shared by the socket and the CLI;
 //! - [`app`]: the only module that wires components together and supervises them;
 //! - [`cli`]: the command line.
@@ -27,6 +28,7 @@ pub mod consume;
 pub mod publish;
 pub mod purge;
 pub mod resend;
+pub mod service;
 pub mod status;
 pub mod store;
 pub mod submit;

@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{backoff, ConnectFailure, Connector};
 use crate::config::PublishConfig;
 use crate::resend::{Backlog, PassReport, PassRequest};
+use crate::service::{self, ProbeRx};
 use crate::status::BrokerState;
 use crate::store::{now_ms, OutgoingRow, PublishOutcome, RetryPolicy, Store, StoreError};
 
@@ -135,6 +136,8 @@ pub struct Forwarder {
     state: BrokerState,
     passes: mpsc::Receiver<PassRequest>,
     passes_open: bool,
+    probes: ProbeRx,
+    probes_open: bool,
     pass_waiters: Vec<oneshot::Sender<PassReport>>,
     backlog: Backlog,
     /// Rows published and not settled: awaiting a confirm or its commit.
@@ -168,6 +171,7 @@ impl Forwarder {
         connector: Connector,
         store: Store,
         state: BrokerState,
+        probes: ProbeRx,
     ) -> (Forwarder, mpsc::Sender<PassRequest>) {
         let (tx, rx) = mpsc::channel(8);
         let backlog = Backlog::new(store.reader().clone());
@@ -178,6 +182,8 @@ impl Forwarder {
             state,
             passes: rx,
             passes_open: true,
+            probes,
+            probes_open: true,
             pass_waiters: Vec::new(),
             backlog,
             in_flight: HashSet::new(),
@@ -222,6 +228,7 @@ impl Forwarder {
                     _ = shutdown.cancelled() => return Link::Stopped,
                     _ = &mut wake => break,
                     request = self.passes.recv(), if self.passes_open => self.on_pass_request(request),
+                    probe = self.probes.recv(), if self.probes_open => self.on_probe(probe),
                 }
             }
         }
@@ -372,6 +379,7 @@ impl Forwarder {
                     self.on_settled(ids, result);
                 }
                 request = self.passes.recv(), if self.passes_open => self.on_pass_request(request),
+                probe = self.probes.recv(), if self.probes_open => self.on_probe(probe),
                 _ = new_rows.notified() => self.backlog.more_rows(),
                 row = self.backlog.next(&self.in_flight), if can_publish => match row? {
                     Some(row) => self.publish(&session.channel, session.generation, row).await,
@@ -506,6 +514,11 @@ impl Forwarder {
             }
             None => self.passes_open = false,
         }
+    }
+
+    fn on_probe(&mut self, probe: Option<tokio::sync::oneshot::Sender<()>>) {
+        self.probes_open = probe.is_some();
+        service::answer(probe);
     }
 
     fn pass_done(&mut self) {

@@ -52,6 +52,8 @@ const MAX_GROUP: usize = 4096;
 /// adds pending rows behind its back).
 const PENDING_RECOUNT_EVERY: Duration = Duration::from_secs(5);
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long closing the store waits for the writer thread.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,6 +64,11 @@ pub enum StoreError {
     Corrupt { path: PathBuf, details: String },
     #[error("cannot open database {path}: {message}")]
     Open { path: PathBuf, message: String },
+    #[error(
+        "another edge-outbox agent is already using the database {0} \
+         (it holds {0}.lock); one database, one agent"
+    )]
+    Locked(PathBuf),
     #[error("no database at {0} (the agent creates it on its first start)")]
     Missing(PathBuf),
     #[error(
@@ -215,6 +222,10 @@ enum WriteRequest {
         limit: u32,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// Liveness: answered after a commit, proving the writer turns.
+    Probe {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     Stop,
 }
 
@@ -326,6 +337,8 @@ pub struct OutgoingRow {
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
+    /// Held for the agent's lifetime: one database, one agent.
+    _lock: Arc<std::fs::File>,
     writer: mpsc::Sender<WriteRequest>,
     writer_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     new_rows: Arc<Notify>,
@@ -407,6 +420,26 @@ fn open_writer_connection(path: &Path, sync: Synchronous) -> Result<Connection, 
     Ok(conn)
 }
 
+/// Takes the exclusive lock on `<path>.lock` (released by the kernel when
+/// the process ends, however it ends).
+fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| open_error(path, e))?;
+    }
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| open_error(&lock_path, e))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(StoreError::Locked(path.to_path_buf())),
+        Err(e) => Err(open_error(&lock_path, e)),
+    }
+}
+
 fn migrate(conn: &Connection, path: &Path, found: i64) -> Result<(), StoreError> {
     if found > SCHEMA_VERSION {
         return Err(StoreError::TooNew {
@@ -432,6 +465,9 @@ impl Store {
     /// Opens (creating if needed) the database and starts the writer thread.
     pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
         let path = config.path.clone();
+        // Before anything touches the file: a second agent must not migrate
+        // or write the live agent's database.
+        let lock = lock_database(&path)?;
         let conn = open_writer_connection(&path, config.synchronous)?;
         let limits = Limits {
             max_pending: config.max_pending,
@@ -447,6 +483,7 @@ impl Store {
             .spawn(move || writer.run())
             .map_err(|e| open_error(&path, format!("cannot start the writer thread: {e}")))?;
         Ok(Store {
+            _lock: Arc::new(lock),
             writer: tx,
             writer_thread: Arc::new(Mutex::new(Some(thread))),
             new_rows,
@@ -519,6 +556,17 @@ impl Store {
         Pending(answer).await
     }
 
+    /// Resolves once the writer has committed a group after this call: the
+    /// watchdog's proof that writes make progress.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(WriteRequest::Probe { reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Pending(answer).await
+    }
+
     /// Notified after every commit that stored new rows: the forwarder's cue.
     pub fn new_rows(&self) -> Arc<Notify> {
         self.new_rows.clone()
@@ -528,13 +576,18 @@ impl Store {
         &self.reader
     }
 
-    /// Commits what the writer holds, stops it, and waits for its thread.
+    /// Commits what the writer holds, stops it, and waits for its thread
+    /// (at most [`CLOSE_WAIT`]: a wedged writer must not hold up the exit;
+    /// what it did not commit was not acknowledged).
     /// Requests sent afterwards get [`StoreError::Closed`].
     pub async fn close(&self) {
-        let _ = self.writer.send(WriteRequest::Stop).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, self.writer.send(WriteRequest::Stop)).await;
         let thread = self.writer_thread.lock().ok().and_then(|mut t| t.take());
         if let Some(thread) = thread {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            let joined = tokio::task::spawn_blocking(move || thread.join());
+            if tokio::time::timeout(CLOSE_WAIT, joined).await.is_err() {
+                tracing::error!("the store writer did not stop in time");
+            }
         }
     }
 }
@@ -558,6 +611,15 @@ impl<T> std::future::Future for Pending<T> {
     }
 }
 
+/// Test hook: `EDGE_OUTBOX_WEDGE_FOR_TESTS=SECONDS` wedges the writer that
+/// long after start, so tests can see the watchdog stop pinging.
+const WEDGE_ENV: &str = "EDGE_OUTBOX_WEDGE_FOR_TESTS";
+
+fn wedge_for_tests() -> Option<Instant> {
+    let seconds: f64 = std::env::var(WEDGE_ENV).ok()?.parse().ok()?;
+    Some(Instant::now() + Duration::from_secs_f64(seconds.max(0.0)))
+}
+
 /// The writer thread's state.
 struct Writer {
     conn: Connection,
@@ -577,7 +639,8 @@ enum Reply {
         oneshot::Sender<Result<Inserted, StoreError>>,
         Result<Inserted, StoreError>,
     ),
-    Outcomes(oneshot::Sender<Result<(), StoreError>>),
+    /// A request whose answer is only "committed".
+    Done(oneshot::Sender<Result<(), StoreError>>),
     Consumption(
         oneshot::Sender<Result<ConsumeVerdict, StoreError>>,
         ConsumeVerdict,
@@ -598,11 +661,11 @@ impl Reply {
                 let _ = tx.send(Err(same_kind(e, m)));
                 false
             }
-            (Reply::Outcomes(tx), None) => {
+            (Reply::Done(tx), None) => {
                 let _ = tx.send(Ok(()));
                 false
             }
-            (Reply::Outcomes(tx), Some((e, m))) => {
+            (Reply::Done(tx), Some((e, m))) => {
                 let _ = tx.send(Err(same_kind(e, m)));
                 false
             }
@@ -675,10 +738,17 @@ impl Writer {
 
     fn run(&mut self) {
         let mut group = Vec::with_capacity(MAX_GROUP);
+        let wedge_at = wedge_for_tests();
         loop {
             let Some(first) = self.requests.blocking_recv() else {
                 return;
             };
+            if wedge_at.is_some_and(|at| Instant::now() >= at) {
+                tracing::warn!("store writer wedged on purpose ({WEDGE_ENV})");
+                loop {
+                    std::thread::park();
+                }
+            }
             let mut stop = matches!(first, WriteRequest::Stop);
             group.push(first);
             while group.len() < MAX_GROUP {
@@ -792,7 +862,7 @@ impl Writer {
                             Err(e) => result = Err(e),
                         }
                     }
-                    replies.push(Reply::Outcomes(reply));
+                    replies.push(Reply::Done(reply));
                 }
                 WriteRequest::Consumption {
                     result: consumption,
@@ -826,6 +896,7 @@ impl Writer {
                     }
                     replies.push(Reply::Purge(reply, deleted));
                 }
+                WriteRequest::Probe { reply } => replies.push(Reply::Done(reply)),
                 WriteRequest::Stop => {}
             }
         }
@@ -1494,7 +1565,7 @@ mod tests {
             store.insert(message(id, b"x")).await.unwrap();
         }
         let now = now_ms();
-        let mut admin = Admin::open(&dir.path().join("t.db")).unwrap();
+        let admin = Admin::open(&dir.path().join("t.db")).unwrap();
         for (id, status, days) in rows {
             admin
                 .conn

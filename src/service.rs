@@ -1,0 +1,121 @@
+//! Service: talking to systemd (`Type=notify`).
+//!
+//! Role: READY once the database is open and the socket listens (the broker
+//! may still be down), STOPPING when shutdown begins, and WATCHDOG pings
+//! only while the agent's loops make progress: each ping follows a round of
+//! probes that the store writer and the forwarder must answer, so a wedged
+//! loop stops the pings and systemd restarts the agent.
+//!
+//! Without `NOTIFY_SOCKET` (not under systemd) every call is a no-op.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+
+/// The receiving end of liveness probes: a loop answers each one it sees.
+pub type ProbeRx = mpsc::Receiver<oneshot::Sender<()>>;
+
+/// Sends probes to one loop.
+#[derive(Clone)]
+pub struct Prober {
+    name: &'static str,
+    tx: mpsc::Sender<oneshot::Sender<()>>,
+}
+
+impl Prober {
+    pub fn new(name: &'static str) -> (Prober, ProbeRx) {
+        let (tx, rx) = mpsc::channel(1);
+        (Prober { name, tx }, rx)
+    }
+
+    async fn probe(&self) -> Result<(), &'static str> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(reply).await.map_err(|_| self.name)?;
+        answer.await.map_err(|_| self.name)
+    }
+}
+
+/// Answers a probe taken from a [`ProbeRx`] in a loop's `select!`.
+pub fn answer(probe: Option<oneshot::Sender<()>>) {
+    if let Some(reply) = probe {
+        let _ = reply.send(());
+    }
+}
+
+pub fn ready() {
+    let _ = sd_notify::notify(&[NotifyState::Ready]);
+}
+
+pub fn stopping() {
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+}
+
+/// The watchdog interval systemd asked for, if any.
+pub fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled()
+}
+
+/// Pings the watchdog every half interval, after every probe answered.
+pub struct Watchdog {
+    interval: Duration,
+    store: Store,
+    probers: Vec<Prober>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {}
+
+impl Watchdog {
+    pub fn new(interval: Duration, store: Store, probers: Vec<Prober>) -> Self {
+        Watchdog {
+            interval,
+            store,
+            probers,
+        }
+    }
+
+    /// One round: probes every loop; true when all answered in time.
+    pub async fn run_once(&self) -> bool {
+        let deadline = self.interval / 2;
+        let store = tokio::time::timeout(deadline, self.store.probe()).await;
+        if !matches!(store, Ok(Ok(()))) {
+            tracing::error!("watchdog: the store writer did not answer; not pinging");
+            return false;
+        }
+        for prober in &self.probers {
+            if !matches!(
+                tokio::time::timeout(deadline, prober.probe()).await,
+                Ok(Ok(()))
+            ) {
+                tracing::error!(
+                    task = prober.name,
+                    "watchdog: a loop did not answer; not pinging"
+                );
+                return false;
+            }
+        }
+        true
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServiceError> {
+        let mut ticks = tokio::time::interval(self.interval / 2);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = ticks.tick() => {}
+            }
+            let healthy = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                healthy = self.run_once() => healthy,
+            };
+            if healthy {
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
+        }
+    }
+}
