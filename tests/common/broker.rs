@@ -946,3 +946,71 @@ impl Drop for Cleanup {
         });
     }
 }
+
+/// A message as a test looks at it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub message_id: String,
+    pub body: Vec<u8>,
+    pub delivery_mode: Option<u8>,
+    pub content_type: Option<String>,
+    /// Header values rendered as text (`"7"`, `"true"`, `"s"`).
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub timestamp: Option<u64>,
+}
+
+/// Takes every message from `queue` (acking each), in queue order.
+pub async fn received(url: &str, queue: &str) -> Vec<Received> {
+    use lapin::types::AMQPValue;
+    get_all(url, queue)
+        .await
+        .into_iter()
+        .map(|m| {
+            let p = &m.delivery.properties;
+            let headers = p
+                .headers()
+                .as_ref()
+                .map(|t| {
+                    t.inner()
+                        .iter()
+                        .map(|(k, v)| {
+                            let text = match v {
+                                AMQPValue::LongString(s) => s.to_string(),
+                                AMQPValue::Boolean(b) => b.to_string(),
+                                AMQPValue::LongLongInt(i) => i.to_string(),
+                                AMQPValue::LongInt(i) => i.to_string(),
+                                AMQPValue::Double(d) => d.to_string(),
+                                other => format!("{other:?}"),
+                            };
+                            (k.as_str().to_string(), text)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Received {
+                message_id: p
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default(),
+                body: m.delivery.data.clone(),
+                delivery_mode: *p.delivery_mode(),
+                content_type: p.content_type().as_ref().map(|s| s.as_str().to_string()),
+                headers,
+                timestamp: *p.timestamp(),
+            }
+        })
+        .collect()
+}
+
+/// Deletes a test's exchange and queue.
+pub async fn delete(url: &str, exchange: &str, queue: &str) {
+    delete_queue(url, queue).await;
+    delete_exchange(url, exchange).await;
+}
+
+/// The shared broker's address (for a proxy in front of it).
+pub fn default_addr() -> SocketAddr {
+    default_url();
+    DEFAULT_ADDR.parse().expect("DEFAULT_ADDR")
+}
