@@ -127,6 +127,15 @@ enum Command {
         #[arg(long)]
         failed: bool,
     },
+    /// Delete old delivered/consumed rows (purge.retention) and old failed
+    /// rows (purge.failed_retention); never undelivered ones.
+    Purge {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only count what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Check the configuration and print the effective values.
     CheckConfig {
         #[command(flatten)]
@@ -144,6 +153,7 @@ pub fn main() -> ExitCode {
         | Command::List { config, .. }
         | Command::Show { config, .. }
         | Command::Retry { config, .. }
+        | Command::Purge { config, .. }
         | Command::CheckConfig { config } => config.file.clone(),
     };
     let config = match config::load(config_file.as_deref()) {
@@ -234,6 +244,21 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             } else {
                 print_row(&row);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Purge { dry_run, .. } => {
+            let report = crate::purge::purge_database(&config.store.path, &config.purge, dry_run)?;
+            let d = report.deleted;
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            println!(
+                "{verb} {} row(s): {} delivered, {} consumed (older than {}), {} failed (older than {})",
+                d.total(),
+                d.delivered,
+                d.consumed,
+                humantime::format_duration(config.purge.retention),
+                d.failed,
+                humantime::format_duration(config.purge.failed_retention),
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Retry { ids, failed, .. } => {

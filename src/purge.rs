@@ -20,7 +20,7 @@ use chrono::{DateTime, Local, NaiveTime, TimeZone};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{parse_time_of_day, PurgeConfig};
-use crate::store::{now_ms, Admin, PurgeCutoffs, Reader, Store, StoreError};
+use crate::store::{now_ms, Admin, PurgeCutoffs, Reader, StatusCounts, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PurgeError {
@@ -31,7 +31,8 @@ pub enum PurgeError {
 /// What one purge did (or, dry, would do).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PurgeReport {
-    pub deleted: u64,
+    /// Rows deleted (or, dry, deletable) per status.
+    pub deleted: StatusCounts,
     pub batches: u64,
 }
 
@@ -65,9 +66,9 @@ impl Purge {
                 .store
                 .purge_batch(cutoffs, self.config.batch_size)
                 .await?;
-            report.deleted += deleted;
+            report.deleted = report.deleted.plus(deleted);
             report.batches += 1;
-            if deleted < u64::from(self.config.batch_size) {
+            if deleted.total() < u64::from(self.config.batch_size) {
                 return Ok(report);
             }
         }
@@ -84,7 +85,9 @@ impl Purge {
             let started = std::time::Instant::now();
             let report = self.run_once().await?;
             tracing::info!(
-                deleted = report.deleted,
+                delivered = report.deleted.delivered,
+                consumed = report.deleted.consumed,
+                failed = report.deleted.failed,
                 batches = report.batches,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "purge done"
@@ -135,9 +138,9 @@ pub fn purge_database(
     let mut report = PurgeReport::default();
     loop {
         let deleted = admin.purge_batch(cutoffs, config.batch_size)?;
-        report.deleted += deleted;
+        report.deleted = report.deleted.plus(deleted);
         report.batches += 1;
-        if deleted < u64::from(config.batch_size) {
+        if deleted.total() < u64::from(config.batch_size) {
             break;
         }
     }

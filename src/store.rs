@@ -195,6 +195,33 @@ pub struct StatusCounts {
     pub consumed: u64,
 }
 
+impl StatusCounts {
+    /// Adds `n` rows of status code `status` (unknown codes are ignored).
+    pub fn add(&mut self, status: i64, n: u64) {
+        match Status::from_code(status) {
+            Some(Status::Delivering) => self.delivering += n,
+            Some(Status::Delivered) => self.delivered += n,
+            Some(Status::Failed) => self.failed += n,
+            Some(Status::Consumed) => self.consumed += n,
+            None => {}
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.delivering + self.delivered + self.failed + self.consumed
+    }
+
+    /// Sums two counts.
+    pub fn plus(self, other: StatusCounts) -> StatusCounts {
+        StatusCounts {
+            delivering: self.delivering + other.delivering,
+            delivered: self.delivered + other.delivered,
+            failed: self.failed + other.failed,
+            consumed: self.consumed + other.consumed,
+        }
+    }
+}
+
 /// The writer's refusal thresholds (from [`StoreConfig`]).
 #[derive(Debug, Clone, Copy)]
 struct Limits {
@@ -220,7 +247,7 @@ enum WriteRequest {
     Purge {
         cutoffs: PurgeCutoffs,
         limit: u32,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
+        reply: oneshot::Sender<Result<StatusCounts, StoreError>>,
     },
     /// Liveness: answered after a commit, proving the writer turns.
     Probe {
@@ -238,23 +265,29 @@ pub struct PurgeCutoffs {
 }
 
 /// Deletes up to `limit` purgeable rows, oldest first; returns how many.
-fn purge_batch(conn: &Connection, cutoffs: PurgeCutoffs, limit: u32) -> Result<u64, StoreError> {
+fn purge_batch(
+    conn: &Connection,
+    cutoffs: PurgeCutoffs,
+    limit: u32,
+) -> Result<StatusCounts, StoreError> {
     // Two index lookups rather than one OR: each walks the status index in
     // rowid (age) order, so old rows are found first.
-    let deleted = conn
-        .prepare_cached(
-            "DELETE FROM msg_log WHERE rowid IN ( \
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM msg_log WHERE rowid IN ( \
            SELECT rowid FROM msg_log WHERE status IN (1, 3) AND create_time < ?1 \
            UNION ALL \
            SELECT rowid FROM msg_log WHERE status = 2 AND create_time < ?2 \
-           LIMIT ?3)",
-        )?
-        .execute(params![
-            cutoffs.settled_before,
-            cutoffs.failed_before,
-            limit
-        ])?;
-    Ok(deleted as u64)
+           LIMIT ?3) RETURNING status",
+    )?;
+    let statuses = stmt.query_map(
+        params![cutoffs.settled_before, cutoffs.failed_before, limit],
+        |r| r.get::<_, i64>(0),
+    )?;
+    let mut deleted = StatusCounts::default();
+    for status in statuses {
+        deleted.add(status?, 1);
+    }
+    Ok(deleted)
 }
 
 /// Hands freed pages back to the filesystem (the database uses
@@ -543,7 +576,11 @@ impl Store {
 
     /// Deletes one batch of purgeable rows in its own transaction (shared
     /// with whatever else the writer holds); returns how many.
-    pub async fn purge_batch(&self, cutoffs: PurgeCutoffs, limit: u32) -> Result<u64, StoreError> {
+    pub async fn purge_batch(
+        &self,
+        cutoffs: PurgeCutoffs,
+        limit: u32,
+    ) -> Result<StatusCounts, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writer
             .send(WriteRequest::Purge {
@@ -645,7 +682,10 @@ enum Reply {
         oneshot::Sender<Result<ConsumeVerdict, StoreError>>,
         ConsumeVerdict,
     ),
-    Purge(oneshot::Sender<Result<u64, StoreError>>, u64),
+    Purge(
+        oneshot::Sender<Result<StatusCounts, StoreError>>,
+        StatusCounts,
+    ),
 }
 
 impl Reply {
@@ -887,7 +927,7 @@ impl Writer {
                     limit,
                     reply,
                 } => {
-                    let mut deleted = 0;
+                    let mut deleted = StatusCounts::default();
                     if let (Some(tx), Ok(())) = (&tx, &result) {
                         match purge_batch(tx, cutoffs, limit) {
                             Ok(n) => deleted = n,
@@ -1174,14 +1214,7 @@ impl Reader {
         let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
         for row in rows {
             let (status, n) = row?;
-            let n = n.max(0) as u64;
-            match Status::from_code(status) {
-                Some(Status::Delivering) => counts.delivering += n,
-                Some(Status::Delivered) => counts.delivered += n,
-                Some(Status::Failed) => counts.failed += n,
-                Some(Status::Consumed) => counts.consumed += n,
-                None => {}
-            }
+            counts.add(status, n.max(0) as u64);
         }
         Ok(counts)
     }
@@ -1270,16 +1303,26 @@ impl Reader {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// How many rows a purge with `cutoffs` would delete.
-    pub fn purgeable(&self, cutoffs: PurgeCutoffs) -> Result<u64, StoreError> {
+    /// How many rows a purge with `cutoffs` would delete, per status.
+    pub fn purgeable(&self, cutoffs: PurgeCutoffs) -> Result<StatusCounts, StoreError> {
         let conn = self.conn()?;
-        let n: i64 = conn.query_row(
-            "SELECT (SELECT COUNT(*) FROM msg_log WHERE status IN (1, 3) AND create_time < ?1) \
-                  + (SELECT COUNT(*) FROM msg_log WHERE status = 2 AND create_time < ?2)",
-            params![cutoffs.settled_before, cutoffs.failed_before],
-            |r| r.get(0),
+        let mut stmt = conn.prepare_cached(
+            "SELECT status, COUNT(*) FROM msg_log WHERE status IN (1, 3) AND create_time < ?1 \
+             GROUP BY status \
+             UNION ALL \
+             SELECT status, COUNT(*) FROM msg_log WHERE status = 2 AND create_time < ?2 \
+             GROUP BY status",
         )?;
-        Ok(n.max(0) as u64)
+        let rows = stmt.query_map(
+            params![cutoffs.settled_before, cutoffs.failed_before],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+        )?;
+        let mut counts = StatusCounts::default();
+        for row in rows {
+            let (status, n) = row?;
+            counts.add(status, n.max(0) as u64);
+        }
+        Ok(counts)
     }
 
     /// The status of row `id`, if there is one.
@@ -1342,7 +1385,11 @@ impl Admin {
     }
 
     /// One purge batch in its own `BEGIN IMMEDIATE` transaction.
-    pub fn purge_batch(&mut self, cutoffs: PurgeCutoffs, limit: u32) -> Result<u64, StoreError> {
+    pub fn purge_batch(
+        &mut self,
+        cutoffs: PurgeCutoffs,
+        limit: u32,
+    ) -> Result<StatusCounts, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -1579,10 +1626,11 @@ mod tests {
             settled_before: now - 30 * 86_400_000,
             failed_before: now - 90 * 86_400_000,
         };
-        assert_eq!(store.reader().purgeable(cutoffs).unwrap(), 4);
-        assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap(), 3);
-        assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap(), 1);
-        assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap(), 0);
+        let would = store.reader().purgeable(cutoffs).unwrap();
+        assert_eq!((would.delivered, would.failed, would.consumed), (1, 1, 2));
+        assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap().total(), 3);
+        assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap().total(), 1);
+        assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap().total(), 0);
         let mut left: Vec<String> = store
             .reader()
             .list(None, 100)
