@@ -16,6 +16,7 @@
 //! ends the agent with that error (exit 1), after the same orderly shutdown.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{BrokerError, Connector};
 use crate::config::{Config, LogFormat};
 use crate::consume::Consumer;
+use crate::metrics::{report_source, Metrics, MetricsError, MetricsServer};
 use crate::publish::{Forwarder, PublishError};
 use crate::purge::Purge;
 use crate::resend::Resend;
@@ -46,6 +48,8 @@ pub enum AppError {
     Publish(#[from] PublishError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("task {task} failed: {message}")]
@@ -74,36 +78,58 @@ pub async fn run(config: Config) -> Result<(), AppError> {
                 message: e.to_string(),
             })??
     };
-    let socket = match SubmitSocket::bind(&config.submit) {
-        Ok(socket) => socket,
+    let broker = BrokerState::default();
+    let metrics = Arc::new(Metrics::new());
+    // Everything that listens is bound before READY: a port or a socket in
+    // use is a start-up failure, not a task that dies later.
+    let listeners = async {
+        let socket = SubmitSocket::bind(&config.submit)?;
+        let metrics_server = if config.metrics.listen.is_empty() {
+            None
+        } else {
+            let report = report_source(store.reader().clone(), broker.clone());
+            Some(MetricsServer::bind(&config.metrics.listen, metrics.clone(), report).await?)
+        };
+        Ok::<_, AppError>((socket, metrics_server))
+    };
+    let (socket, metrics_server) = match listeners.await {
+        Ok(bound) => bound,
         Err(e) => {
             store.close().await;
-            return Err(e.into());
+            return Err(e);
         }
     };
     tracing::info!(
         socket = %socket.path().display(),
         database = %config.store.path.display(),
+        metrics = %config.metrics.listen,
         version = env!("CARGO_PKG_VERSION"),
         "edge-outbox ready"
     );
-
     service::ready();
-    let broker = BrokerState::default();
+
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
-
     let status_source: StatusSource = {
         let reader = store.reader().clone();
         let broker = broker.clone();
-        std::sync::Arc::new(move || {
+        Arc::new(move || {
             StatusReport::collect(&reader, Some(&broker))
                 .map_err(|e| e.to_string())
                 .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
         })
     };
-    let server = SubmitServer::new(socket, config.submit.clone(), store.clone(), status_source);
+    let server = SubmitServer::new(
+        socket,
+        config.submit.clone(),
+        store.clone(),
+        status_source,
+        metrics.clone(),
+    );
     spawn(&mut tasks, "submit", server.run(shutdown.clone()));
+    if let Some(server) = metrics_server {
+        spawn(&mut tasks, "metrics", server.run(shutdown.clone()));
+    }
     let (forwarder_prober, forwarder_probes) = Prober::new("publish");
     let (forwarder, passes) = Forwarder::new(
         config.publish.clone(),
@@ -111,6 +137,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         store.clone(),
         broker.clone(),
         forwarder_probes,
+        metrics.clone(),
     );
     spawn(&mut tasks, "publish", forwarder.run(shutdown.clone()));
     let resend = Resend::new(config.publish.resend_every, passes);
@@ -124,7 +151,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let purge = Purge::new(config.purge.clone(), store.clone());
     spawn(&mut tasks, "purge", purge.run(shutdown.clone()));
     if let Some(connector) = consumer_connector {
-        let consumer = Consumer::new(config.consumer.clone(), connector, store.clone());
+        let consumer = Consumer::new(
+            config.consumer.clone(),
+            connector,
+            store.clone(),
+            metrics.clone(),
+        );
         spawn(&mut tasks, "consume", consumer.run(shutdown.clone()));
     }
 

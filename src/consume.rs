@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{backoff, ConnectFailure, Connector};
 use crate::config::{ConsumerConfig, HandlerKind, QueueType};
+use crate::metrics::Metrics;
 use crate::store::{ConsumeVerdict, Consumption, Delivered, Status, Store, StoreError};
 
 /// After the broker refused our declarations, wait this long before trying
@@ -173,17 +174,22 @@ pub async fn process(
     handler: &Handler,
     max_attempts: u32,
     message: &Message,
+    metrics: &Metrics,
 ) -> Result<Settle, StoreError> {
+    metrics.deliveries.inc();
     let Some(id) = message.id.as_deref() else {
         tracing::warn!(exchange = %message.exchange, routing_key = %message.routing_key,
             "delivery without message_id: handled without deduplication");
         return Ok(match handler.run(message).await {
             Ok(()) => Settle::Ack,
             Err(error) if message.redelivered || max_attempts <= 1 => {
+                metrics.handler_failures.inc();
+                metrics.dead_lettered.inc();
                 tracing::warn!(error = %error, "handler failed again; rejecting the delivery");
                 Settle::Reject
             }
             Err(error) => {
+                metrics.handler_failures.inc();
                 tracing::warn!(error = %error, "handler failed; requeueing the delivery");
                 Settle::Requeue
             }
@@ -195,12 +201,14 @@ pub async fn process(
         .await
         .map_err(|e| StoreError::WriteFailed(format!("status lookup: {e}")))??;
     if status == Some(Status::Consumed) {
+        metrics.duplicates.inc();
         tracing::info!(message_id = %id, "duplicate delivery of a consumed message: acked, not run again");
         return Ok(Settle::Ack);
     }
     let consumption = match handler.run(message).await {
         Ok(()) => Consumption::Succeeded(message.delivered(id)),
         Err(error) => {
+            metrics.handler_failures.inc();
             tracing::warn!(message_id = %id, error = %error, "handler failed");
             Consumption::Failed {
                 delivery: message.delivered(id),
@@ -219,6 +227,7 @@ pub async fn process(
             Settle::Requeue
         }
         ConsumeVerdict::GiveUp { attempts } => {
+            metrics.dead_lettered.inc();
             tracing::warn!(message_id = %id, attempts, "giving up on the message: rejected, marked failed");
             Settle::Reject
         }
@@ -317,6 +326,7 @@ pub struct Consumer {
     connector: Connector,
     store: Store,
     handler: Arc<Handler>,
+    metrics: Arc<Metrics>,
 }
 
 /// Where the consumer is with the broker.
@@ -343,13 +353,19 @@ struct Session {
 }
 
 impl Consumer {
-    pub fn new(config: ConsumerConfig, connector: Connector, store: Store) -> Consumer {
+    pub fn new(
+        config: ConsumerConfig,
+        connector: Connector,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Consumer {
         let handler = Arc::new(Handler::from_config(&config));
         Consumer {
             config,
             connector,
             store,
             handler,
+            metrics,
         }
     }
 
@@ -557,7 +573,8 @@ impl Consumer {
                         let store = self.store.clone();
                         let handler = self.handler.clone();
                         let max_attempts = self.config.max_attempts;
-                        running.spawn(handle(delivery, store, handler, max_attempts));
+                        let metrics = self.metrics.clone();
+                        running.spawn(handle(delivery, store, handler, max_attempts, metrics));
                     }
                     Some(Err(e)) => break e.to_string(),
                     None => break "the broker cancelled the consumer".into(),
@@ -586,11 +603,12 @@ async fn handle(
     store: Store,
     handler: Arc<Handler>,
     max_attempts: u32,
+    metrics: Arc<Metrics>,
 ) -> Result<(), StoreError> {
     let message = Message::from_delivery(&delivery);
     // A store error leaves the delivery unacked: the broker redelivers it
     // when the channel closes; nothing is decided without the database.
-    let settle = process(&store, &handler, max_attempts, &message).await?;
+    let settle = process(&store, &handler, max_attempts, &message, &metrics).await?;
     let acker = &delivery.acker;
     let sent = match settle {
         Settle::Ack => acker.ack(BasicAckOptions::default()).await,

@@ -11,6 +11,7 @@
 //! - [`store`]: `msg_log`: all SQL, the group-commit writer, the reader pool;
 //! - [`submit`]: the Unix-socket protocol server;
 //! - [`broker`]: reaching RabbitMQ: targets, connection attempts, backoff;
+//! - [`metrics`]: Prometheus counters and gauges, served at `/metrics`;
 //! - [`publish`]: the forwarder to RabbitMQ: connection, confirms, outcomes;
 //! - [`consume`]: the idempotent manual-ack consumer and its handlers;
 //! - [`purge`]: the daily and on-demand deletion of old settled rows;
@@ -25,6 +26,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod consume;
+pub mod metrics;
 pub mod publish;
 pub mod purge;
 pub mod resend;

@@ -29,6 +29,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
@@ -41,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{backoff, ConnectFailure, Connector};
 use crate::config::PublishConfig;
+use crate::metrics::Metrics;
 use crate::resend::{Backlog, PassReport, PassRequest};
 use crate::service::{self, ProbeRx};
 use crate::status::BrokerState;
@@ -66,6 +68,7 @@ struct Session {
 
 /// A confirm being awaited.
 struct Confirmed {
+    sent_at: std::time::Instant,
     id: String,
     exchange: String,
     generation: u64,
@@ -134,6 +137,7 @@ pub struct Forwarder {
     connector: Connector,
     store: Store,
     state: BrokerState,
+    metrics: Arc<Metrics>,
     passes: mpsc::Receiver<PassRequest>,
     passes_open: bool,
     probes: ProbeRx,
@@ -172,6 +176,7 @@ impl Forwarder {
         store: Store,
         state: BrokerState,
         probes: ProbeRx,
+        metrics: Arc<Metrics>,
     ) -> (Forwarder, mpsc::Sender<PassRequest>) {
         let (tx, rx) = mpsc::channel(8);
         let backlog = Backlog::new(store.reader().clone());
@@ -180,6 +185,7 @@ impl Forwarder {
             connector,
             store,
             state,
+            metrics,
             passes: rx,
             passes_open: true,
             probes,
@@ -257,6 +263,7 @@ impl Forwarder {
             }
         };
         tracing::info!(broker = %connected.url, "connected to the broker");
+        self.metrics.connects.inc();
         let since = now_ms();
         self.state.update(|s| {
             s.connected = true;
@@ -278,6 +285,7 @@ impl Forwarder {
     }
 
     fn connect_failed(&mut self, failure: ConnectFailure, failures: u32) -> Link {
+        self.metrics.connect_failures.inc();
         tracing::warn!(broker = %failure.url, error = %failure.error, failures = failures + 1, "cannot connect to the broker");
         self.state.update(|s| {
             if s.connected || s.since.is_none() {
@@ -317,6 +325,7 @@ impl Forwarder {
                         session.channel = channel;
                         session.generation = self.generation;
                         self.backlog.rewind();
+                        self.metrics.channel_closes.inc();
                         tracing::info!("reopened the publishing channel");
                     }
                     Ok(Err(e)) => break format!("cannot reopen the channel: {e}"),
@@ -434,9 +443,12 @@ impl Forwarder {
             Ok(Ok(confirm)) => {
                 let timeout = self.config.confirm_timeout;
                 let OutgoingRow { id, exchange, .. } = row;
+                self.metrics.publishes.inc();
+                let sent_at = std::time::Instant::now();
                 self.confirms.push(Box::pin(async move {
                     let result = tokio::time::timeout(timeout, confirm).await;
                     Confirmed {
+                        sent_at,
                         id,
                         exchange,
                         generation,
@@ -459,11 +471,29 @@ impl Forwarder {
 
     fn on_confirm(&mut self, confirmed: Confirmed, link_ok: bool) {
         let Confirmed {
+            sent_at,
             id,
             exchange,
             generation,
             result,
         } = confirmed;
+        let m = &self.metrics;
+        match &result {
+            Ok(Ok(Confirmation::Ack(None))) => {
+                m.confirms.inc();
+                m.confirm_latency.observe(sent_at.elapsed().as_secs_f64());
+            }
+            Ok(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)))) => {
+                m.returns.inc();
+            }
+            Ok(Ok(Confirmation::Nack(None))) => {
+                m.nacks.inc();
+            }
+            Err(_) => {
+                m.confirm_timeouts.inc();
+            }
+            _ => {}
+        }
         self.awaiting_confirm.remove(&id);
         match classify(&exchange, &result, self.config.confirm_timeout, link_ok) {
             Attempt::Delivered => {

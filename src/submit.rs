@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::SubmitConfig;
+use crate::metrics::Metrics;
 use crate::store::{Inserted, NewMessage, PendingInsert, Store, StoreError};
 
 /// AMQP short strings (exchange, routing key, message id) hold 255 bytes.
@@ -79,6 +80,20 @@ pub enum ErrorCode {
     StorageError,
     Unauthorized,
     ShuttingDown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::BufferFull => "buffer_full",
+            ErrorCode::StorageFull => "storage_full",
+            ErrorCode::StorageError => "storage_error",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::ShuttingDown => "shutting_down",
+        }
+    }
 }
 
 /// A refused request: its code and a reason for a human.
@@ -338,7 +353,24 @@ struct Shared {
     config: SubmitConfig,
     store: Store,
     status: StatusSource,
+    metrics: Arc<Metrics>,
     max_line: usize,
+}
+
+impl Shared {
+    /// The answer line for a result, counted in the metrics.
+    fn answer(&self, result: &Result<(String, Inserted), Refusal>) -> Vec<u8> {
+        match result {
+            Ok((_, inserted)) if inserted.duplicate => {
+                self.metrics.submits_duplicate.inc();
+            }
+            Ok(_) => {
+                self.metrics.submits_accepted.inc();
+            }
+            Err(refusal) => self.metrics.refused(refusal.code.as_str()),
+        };
+        answer_line(result)
+    }
 }
 
 impl SubmitServer {
@@ -347,6 +379,7 @@ impl SubmitServer {
         config: SubmitConfig,
         store: Store,
         status: StatusSource,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let max_line = config.max_line_length();
         SubmitServer {
@@ -355,6 +388,7 @@ impl SubmitServer {
                 config,
                 store,
                 status,
+                metrics,
                 max_line,
             }),
         }
@@ -416,9 +450,9 @@ mod libc_codes {
     pub const ENOMEM: i32 = 12;
 }
 
-/// An answer not yet written: ready, or waiting for its group commit.
+/// An answer not yet written: a refusal, or waiting for its group commit.
 enum PendingAnswer {
-    Ready(Vec<u8>),
+    Refused(Refusal),
     Stored { id: String, insert: PendingInsert },
     Status,
 }
@@ -464,9 +498,7 @@ async fn serve(
     let writer = tokio::spawn(write_answers(write_half, queued, shared.clone(), idle));
     match refusal {
         Some(refusal) => {
-            let _ = answers
-                .send(PendingAnswer::Ready(answer_line(&Err(refusal))))
-                .await;
+            let _ = answers.send(PendingAnswer::Refused(refusal)).await;
         }
         None => read_requests(read_half, &answers, &shared, &shutdown).await,
     }
@@ -509,25 +541,26 @@ async fn read_requests(
         };
         let pending = match read {
             Err(_) | Ok(Ok(Line::Eof)) | Ok(Err(_)) => return,
-            Ok(Ok(Line::TooLong(len))) => PendingAnswer::Ready(answer_line(&Err(Refusal::new(
+            Ok(Ok(Line::TooLong(len))) => PendingAnswer::Refused(Refusal::new(
                 ErrorCode::TooLarge,
                 format!(
                     "the request line is over {} bytes (at least {len}); \
                      the limit follows submit.max_message_size",
                     shared.max_line
                 ),
-            )))),
-            Ok(Ok(Line::Complete(_))) if draining => PendingAnswer::Ready(answer_line(&Err(
-                Refusal::new(ErrorCode::ShuttingDown, "the agent is shutting down"),
-            ))),
+            )),
+            Ok(Ok(Line::Complete(_))) if draining => PendingAnswer::Refused(Refusal::new(
+                ErrorCode::ShuttingDown,
+                "the agent is shutting down",
+            )),
             Ok(Ok(Line::Complete(line))) => match parse_request(&line, max_body) {
-                Err(refusal) => PendingAnswer::Ready(answer_line(&Err(refusal))),
+                Err(refusal) => PendingAnswer::Refused(refusal),
                 Ok(Request::Status) => PendingAnswer::Status,
                 Ok(Request::Submit(message)) => {
                     let id = message.id.clone();
                     match shared.store.enqueue_insert(message).await {
                         Ok(insert) => PendingAnswer::Stored { id, insert },
-                        Err(e) => PendingAnswer::Ready(answer_line(&Err(Refusal::from(&e)))),
+                        Err(e) => PendingAnswer::Refused(Refusal::from(&e)),
                     }
                 }
             },
@@ -562,13 +595,13 @@ async fn write_answers(
             Err(mpsc::error::TryRecvError::Disconnected) => break,
         };
         let line = match next {
-            PendingAnswer::Ready(line) => line,
+            PendingAnswer::Refused(refusal) => shared.answer(&Err(refusal)),
             PendingAnswer::Stored { id, insert } => {
                 let result = insert.await;
                 if let Err(e) = &result {
                     tracing::debug!(message_id = %id, error = %e, "submit refused");
                 }
-                answer_line(
+                shared.answer(
                     &result
                         .map(|inserted| (id, inserted))
                         .map_err(|e| Refusal::from(&e)),
