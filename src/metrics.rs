@@ -95,13 +95,9 @@ impl Metrics {
             channel_closes: Counter::default(),
             connects: Counter::default(),
             connect_failures: Counter::default(),
-            confirm_latency: Histogram::new(
-                [
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                    30.0,
-                ]
-                .into_iter(),
-            ),
+            confirm_latency: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
             deliveries: Counter::default(),
             duplicates: Counter::default(),
             handler_failures: Counter::default(),
