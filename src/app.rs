@@ -30,7 +30,7 @@ use crate::metrics::{report_source, Metrics, MetricsError, MetricsServer};
 use crate::publish::{Forwarder, PublishError};
 use crate::purge::Purge;
 use crate::resend::Resend;
-use crate::service::{self, Prober, Watchdog};
+use crate::service::{self, Prober, StatusNotifier, Watchdog};
 use crate::status::{BrokerState, StatusReport};
 use crate::store::{Store, StoreError};
 use crate::submit::{StatusSource, SubmitError, SubmitServer, SubmitSocket};
@@ -147,6 +147,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         spawn(&mut tasks, "watchdog", watchdog.run(shutdown.clone()));
     } else {
         drop(forwarder_prober);
+    }
+    if let Some(notifier) =
+        StatusNotifier::new(report_source(store.reader().clone(), broker.clone()))
+    {
+        spawn(&mut tasks, "notify-status", notifier.run(shutdown.clone()));
     }
     let purge = Purge::new(config.purge.clone(), store.clone());
     spawn(&mut tasks, "purge", purge.run(shutdown.clone()));

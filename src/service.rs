@@ -119,3 +119,49 @@ impl Watchdog {
         }
     }
 }
+
+/// How often `STATUS=` is refreshed under systemd.
+const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps `systemctl status` showing the backlog and the broker state.
+pub struct StatusNotifier {
+    report: crate::metrics::ReportSource,
+}
+
+impl StatusNotifier {
+    /// `None` when not under systemd (no `NOTIFY_SOCKET`).
+    pub fn new(report: crate::metrics::ReportSource) -> Option<Self> {
+        std::env::var_os("NOTIFY_SOCKET").map(|_| StatusNotifier { report })
+    }
+
+    /// One `STATUS=` line from a fresh report.
+    pub async fn run_once(&self) {
+        let report = self.report.clone();
+        let Ok(Some(r)) = tokio::task::spawn_blocking(move || report()).await else {
+            return;
+        };
+        let broker = match &r.broker {
+            Some(b) if b.connected => format!(
+                "connected to {}, {} in flight",
+                b.url.as_deref().unwrap_or("?"),
+                b.in_flight
+            ),
+            _ => "broker not connected".to_string(),
+        };
+        let line = format!(
+            "{} waiting, {} failed; {broker}",
+            r.counts.delivering, r.counts.failed
+        );
+        let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServiceError> {
+        let mut ticks = tokio::time::interval(STATUS_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = ticks.tick() => self.run_once().await,
+            }
+        }
+    }
+}
