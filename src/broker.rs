@@ -10,9 +10,13 @@
 //! - Passwords never leave this module in text meant for people: targets
 //!   carry a redacted URL, and connection errors are scrubbed of the password.
 //! - Every connection attempt is bounded by `broker.connect_timeout`.
+//! - `amqps://` targets verify the broker against `broker.tls_ca_file` (or
+//!   the system's CAs); a certificate that does not verify fails the attempt
+//!   at once, and it is retried like any unreachable broker.
 
 use std::time::Duration;
 
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 
@@ -35,8 +39,12 @@ pub enum BrokerError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
-    #[error("amqps:// URLs need TLS, which this build does not include ({url})")]
-    NoTls { url: String },
+    #[error("cannot read {key} {path}: {source}")]
+    TlsFile {
+        key: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A broker to connect to: the parsed URI (password and heartbeat applied)
@@ -45,6 +53,40 @@ pub enum BrokerError {
 pub struct BrokerTarget {
     uri: AMQPUri,
     pub shown: String,
+    /// For `amqps://` targets: the CA to trust and the client identity.
+    tls: Option<OwnedTLSConfig>,
+}
+
+fn read_tls_file(key: &'static str, path: &std::path::Path) -> Result<Vec<u8>, BrokerError> {
+    std::fs::read(path).map_err(|source| BrokerError::TlsFile {
+        key,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The TLS settings of `[broker]`: `tls_ca_file` (else the system's CAs),
+/// and a client certificate when both `tls_cert_file` and `tls_key_file` are set.
+fn tls_config(config: &BrokerConfig) -> Result<OwnedTLSConfig, BrokerError> {
+    let set = |p: &std::path::Path| !p.as_os_str().is_empty();
+    let cert_chain = if set(&config.tls_ca_file) {
+        let pem = read_tls_file("broker.tls_ca_file", &config.tls_ca_file)?;
+        Some(String::from_utf8_lossy(&pem).into_owned())
+    } else {
+        None
+    };
+    let identity = if set(&config.tls_cert_file) && set(&config.tls_key_file) {
+        Some(OwnedIdentity::PKCS8 {
+            pem: read_tls_file("broker.tls_cert_file", &config.tls_cert_file)?,
+            key: read_tls_file("broker.tls_key_file", &config.tls_key_file)?,
+        })
+    } else {
+        None
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
 }
 
 /// Parses `broker.urls`, applies `broker.password_file` and `broker.heartbeat`.
@@ -70,11 +112,11 @@ pub fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>, Broker
                 url: redact_url(url),
                 message,
             })?;
-            if url.starts_with("amqps://") {
-                return Err(BrokerError::NoTls {
-                    url: redact_url(url),
-                });
-            }
+            let tls = if url.starts_with("amqps://") {
+                Some(tls_config(config)?)
+            } else {
+                None
+            };
             if let Some(p) = &password {
                 uri.authority.userinfo.password = p.clone();
             }
@@ -84,6 +126,7 @@ pub fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>, Broker
             Ok(BrokerTarget {
                 uri,
                 shown: redact_url(url),
+                tls,
             })
         })
         .collect()
@@ -147,7 +190,21 @@ impl Connector {
         let properties = ConnectionProperties::default().with_connection_name(
             format!("edge-outbox {} {}", env!("CARGO_PKG_VERSION"), self.role).into(),
         );
-        let attempt = Connection::connect_uri(target.uri.clone(), properties);
+        let attempt = async {
+            match &target.tls {
+                Some(tls) => {
+                    let runtime = lapin::runtime::default_runtime()?;
+                    Connection::connect_uri_with_config(
+                        target.uri.clone(),
+                        properties,
+                        tls.clone(),
+                        runtime,
+                    )
+                    .await
+                }
+                None => Connection::connect_uri(target.uri.clone(), properties).await,
+            }
+        };
         match tokio::time::timeout(self.connect_timeout, attempt).await {
             Ok(Ok(connection)) => Ok(Connected {
                 connection,
