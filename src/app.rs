@@ -12,7 +12,8 @@
 //! 3. close the store last, so every answer the connections still owe can
 //!    be committed first.
 //!
-//! A second SIGTERM/SIGINT exits at once. Any task that ends with an error
+//! A second SIGTERM/SIGINT exits at once. SIGHUP is logged and ignored
+//! (no reload: the configuration is read at start). Any task that ends with an error
 //! ends the agent with that error (exit 1), after the same orderly shutdown.
 
 use std::future::Future;
@@ -62,6 +63,7 @@ type TaskResult = (&'static str, Result<(), String>);
 pub async fn run(config: Config) -> Result<(), AppError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
 
     let publish_connector = Connector::new(&config.broker, "publisher")?;
     let consumer_connector = if config.consumer.queue.is_empty() {
@@ -166,10 +168,28 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
 
     let mut failure = None;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-        _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
-        Some(ended) = tasks.join_next() => failure = task_failure(ended),
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => {
+                tracing::info!(signal = "SIGTERM", "shutting down");
+                break;
+            }
+            _ = interrupt.recv() => {
+                tracing::info!(signal = "SIGINT", "shutting down");
+                break;
+            }
+            _ = hangup.recv() => {
+                tracing::info!(signal = "SIGHUP", "ignored: the configuration is read at start; restart the agent to apply changes");
+            }
+            Some(ended) = tasks.join_next() => {
+                // Tasks end only on shutdown: one that ends before is a failure.
+                failure = Some(task_failure(ended).unwrap_or(AppError::Task {
+                    task: "a task",
+                    message: "ended before shutdown".into(),
+                }));
+                break;
+            }
+        }
     }
     service::stopping();
     shutdown.cancel();

@@ -540,3 +540,16 @@ fn a_tls_connection_delivers_and_a_wrong_ca_fails_fast() {
     assert_eq!(row, (0, 0));
     rt.block_on(broker::delete(&url, &exchange, &queue));
 }
+
+#[test]
+fn sighup_is_ignored_and_the_agent_keeps_serving() {
+    let mut agent = Agent::start();
+    agent.signal("HUP");
+    wait_until("the SIGHUP logged", DEADLINE, || {
+        agent.log_text().contains("SIGHUP")
+    });
+    assert!(agent.is_running());
+    ok_id(&agent.client().submit("", "k", json!("still here")));
+    agent.terminate();
+    assert_eq!(agent.wait_exit(DEADLINE).code(), Some(0));
+}
