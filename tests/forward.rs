@@ -363,6 +363,41 @@ fn acknowledged_messages_survive_a_broker_restart_and_a_broker_kill() {
 }
 
 #[test]
+fn a_blocked_broker_is_waited_out_without_counting_failures() {
+    let node = broker::lock_restartable();
+    let rt = rt();
+    let url = node.url();
+    let (exchange, queue) = topology(&rt, &url, "k");
+    // A short confirm timeout: were blocked waits counted, they would show.
+    let agent = forwarding_agent(&url)
+        .set_str("publish", "confirm_timeout", "1s")
+        .start();
+    let connected =
+        || agent.cli(&["status", "--json"]).json()["broker"]["connected"] == Value::Bool(true);
+    wait_until("connected", DRAIN, connected);
+    node.memory_alarm(true);
+    let ids = submit_many(&agent, &exchange, "k", "blocked", 200);
+    wait_until("the agent sees the block", DRAIN, || {
+        agent.cli(&["status", "--json"]).json()["broker"]["blocked"] == Value::Bool(true)
+    });
+    // Several confirm timeouts long: nothing may fail or be counted.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert_eq!(
+            agent.db_count("SELECT COALESCE(SUM(try_count), 0) FROM msg_log"),
+            0
+        );
+        assert_eq!(count_status(&agent, 2), 0);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    node.memory_alarm(false);
+    wait_all_delivered(&agent, 200, DRAIN);
+    let received = rt.block_on(broker::received(&url, &queue));
+    assert_all_received(&received, &ids);
+    rt.block_on(broker::delete(&url, &exchange, &queue));
+}
+
+#[test]
 fn acknowledged_messages_survive_kill_9_of_the_agent() {
     let rt = rt();
     let url = broker::default_url();

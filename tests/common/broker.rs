@@ -282,6 +282,20 @@ impl Node {
         eprintln!("restartable node: killed {pids:?} in {:?}", t.elapsed());
     }
 
+    /// Raises (or clears) a memory alarm: the broker blocks publishing
+    /// connections (`connection.blocked`) until it is cleared.
+    /// Needs an exclusive [`NodeGuard`].
+    pub fn memory_alarm(&self, on: bool) {
+        self.assert_exclusive("memory_alarm");
+        let watermark = if on { "0.000001" } else { "0.4" };
+        if let Err(e) = self.ctl(
+            &["set_vm_memory_high_watermark", watermark],
+            Duration::from_secs(60),
+        ) {
+            panic!("restartable node: set_vm_memory_high_watermark {watermark}: {e}");
+        }
+    }
+
     /// Starts the node (after [`Node::stop`], [`Node::halt`] or [`Node::kill9`])
     /// and waits until it has booted and accepts AMQP connections. Panics
     /// after about two minutes.
@@ -1013,4 +1027,165 @@ pub async fn delete(url: &str, exchange: &str, queue: &str) {
 pub fn default_addr() -> SocketAddr {
     default_url();
     DEFAULT_ADDR.parse().expect("DEFAULT_ADDR")
+}
+
+// ---------------------------------------------------------------------------
+// Consumer tests: message ids, bulk publishing, queue arguments, unacked counts
+// ---------------------------------------------------------------------------
+
+/// Publishes one persistent message, with `message_id` when given, and waits
+/// for the broker's confirm.
+pub async fn publish_with_id(
+    url: &str,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+    message_id: Option<&str>,
+) {
+    let messages = vec![(message_id.map(str::to_owned), payload.to_vec())];
+    publish_many(url, exchange, routing_key, &messages).await;
+}
+
+/// Publishes persistent messages (`(message_id, body)`, in order) on one
+/// channel with pipelined confirms (at most 256 outstanding); returns once
+/// every one is confirmed. Panics on a nack. 15 s deadline per confirm.
+pub async fn publish_many(
+    url: &str,
+    exchange: &str,
+    routing_key: &str,
+    messages: &[(Option<String>, Vec<u8>)],
+) {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    const WINDOW: usize = 256;
+    let conn = connect(url).await;
+    let ch = deadline("publish_many: open channel", conn.create_channel()).await;
+    deadline(
+        "publish_many: confirm_select",
+        ch.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await;
+    let mut confirms = FuturesUnordered::new();
+    for (id, body) in messages {
+        if confirms.len() >= WINDOW {
+            let next = async { confirms.next().await.expect("an outstanding confirm") };
+            let confirm: lapin::Confirmation = deadline("publish_many: confirm", next).await;
+            assert!(confirm.is_ack(), "publish_many: broker nacked: {confirm:?}");
+        }
+        let mut properties = BasicProperties::default().with_delivery_mode(2);
+        if let Some(id) = id {
+            properties = properties.with_message_id(id.as_str().into());
+        }
+        let confirm = deadline(
+            "publish_many: publish",
+            ch.basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            ),
+        )
+        .await;
+        confirms.push(confirm);
+    }
+    while let Some(confirm) = tokio::time::timeout(AMQP_DEADLINE, confirms.next())
+        .await
+        .expect("publish_many: no confirm within the deadline")
+    {
+        let confirm = confirm.unwrap_or_else(|e| panic!("publish_many: confirm: {e}"));
+        assert!(confirm.is_ack(), "publish_many: broker nacked: {confirm:?}");
+    }
+    let _ = tokio::time::timeout(AMQP_DEADLINE, conn.close(200, "OK".into())).await;
+}
+
+/// Declares a durable exchange of `kind` and a durable classic queue bound to
+/// it with `routing_key` (e.g. a queue collecting a dead-letter fanout).
+pub async fn declare_bound_queue(
+    url: &str,
+    exchange: &str,
+    kind: ExchangeKind,
+    queue: &str,
+    routing_key: &str,
+) {
+    let (x, q, rk) = (
+        exchange.to_owned(),
+        queue.to_owned(),
+        routing_key.to_owned(),
+    );
+    let what = format!("declare {kind:?} exchange {exchange} -> queue {queue} ({routing_key})");
+    with_channel(url, &what, |ch| async move {
+        ch.exchange_declare(
+            x.clone().into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_declare(
+            q.clone().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_bind(
+            q.into(),
+            x.into(),
+            rk.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    })
+    .await
+}
+
+/// Declares a durable queue with `arguments` (e.g. `x-max-length`).
+pub async fn declare_queue_with_args(url: &str, queue: &str, arguments: FieldTable) {
+    let q = queue.to_owned();
+    with_channel(url, &format!("declare queue {queue}"), |ch| async move {
+        ch.queue_declare(q.into(), QueueDeclareOptions::durable(), arguments)
+            .await
+            .map(drop)
+    })
+    .await
+}
+
+/// `(messages_ready, messages_unacknowledged)` of `queue` on the shared
+/// broker, from `rabbitmqctl list_queues` (the Debian wrapper; needs root,
+/// else `sudo -n`); `None` when there is no such queue. Blocks about 1 s.
+pub fn queue_counts(queue: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let root = fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false);
+    let mut cmd = if root {
+        Command::new("rabbitmqctl")
+    } else {
+        let mut c = Command::new("sudo");
+        c.args(["-n", "rabbitmqctl"]);
+        c
+    };
+    cmd.args([
+        "-q",
+        "list_queues",
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+    ]);
+    let out = run(&mut cmd, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("rabbitmqctl list_queues: {e}"));
+    out.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split('\t').collect();
+        match fields.as_slice() {
+            [name, ready, unacked] if *name == queue => Some((
+                ready.trim().parse().expect("messages_ready"),
+                unacked.trim().parse().expect("messages_unacknowledged"),
+            )),
+            _ => None,
+        }
+    })
 }
