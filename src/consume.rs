@@ -29,6 +29,7 @@
 //!   drain bound; unacked deliveries go back to the queue when the channel
 //!   closes.
 
+use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -537,6 +538,7 @@ impl Consumer {
         shutdown: &CancellationToken,
     ) -> Result<Link, ConsumeError> {
         let mut running: JoinSet<Result<(), StoreError>> = JoinSet::new();
+        let in_flight = Arc::new(InFlight::default());
         let mut events = Box::pin(session.connection.events_listener());
         let lost = loop {
             tokio::select! {
@@ -574,7 +576,8 @@ impl Consumer {
                         let handler = self.handler.clone();
                         let max_attempts = self.config.max_attempts;
                         let metrics = self.metrics.clone();
-                        running.spawn(handle(delivery, store, handler, max_attempts, metrics));
+                        let in_flight = in_flight.clone();
+                        running.spawn(handle(delivery, store, handler, max_attempts, metrics, in_flight));
                     }
                     Some(Err(e)) => break e.to_string(),
                     None => break "the broker cancelled the consumer".into(),
@@ -604,8 +607,15 @@ async fn handle(
     handler: Arc<Handler>,
     max_attempts: u32,
     metrics: Arc<Metrics>,
+    in_flight: Arc<InFlight>,
 ) -> Result<(), StoreError> {
     let message = Message::from_delivery(&delivery);
+    // Copies of one message delivered together go one at a time: the later
+    // one then finds status 3 and is acked as a duplicate.
+    let _turn = match message.id.as_deref() {
+        Some(id) => Some(in_flight.turn(id).await),
+        None => None,
+    };
     // A store error leaves the delivery unacked: the broker redelivers it
     // when the channel closes; nothing is decided without the database.
     let settle = process(&store, &handler, max_attempts, &message, &metrics).await?;
@@ -630,6 +640,47 @@ async fn handle(
         }
     }
     Ok(())
+}
+
+/// The message ids whose deliveries are being processed, each with a lock
+/// that copies of the same message take in turn.
+#[derive(Default)]
+struct InFlight(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl InFlight {
+    /// Waits until no other delivery of `id` is being processed.
+    async fn turn(self: &Arc<Self>, id: &str) -> Turn {
+        let lock = {
+            let mut ids = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            ids.entry(id.to_string()).or_default().clone()
+        };
+        Turn {
+            guard: Some(lock.lock_owned().await),
+            in_flight: self.clone(),
+            id: id.to_string(),
+        }
+    }
+}
+
+/// One delivery's turn on its message id; the id is forgotten when no other
+/// delivery of it waits.
+struct Turn {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    in_flight: Arc<InFlight>,
+    id: String,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut ids = self.in_flight.0.lock().unwrap_or_else(|e| e.into_inner());
+        if ids
+            .get(&self.id)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            ids.remove(&self.id);
+        }
+    }
 }
 
 fn exchange_kind(kind: &str) -> ExchangeKind {

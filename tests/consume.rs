@@ -1,0 +1,706 @@
+//! The idempotent manual-ack consumer against a real RabbitMQ (SPEC
+//! "Consumer"): submit → publish → consume, acks only after the commit
+//! (a kill -9 mid-handler gives the message back), duplicates acked without
+//! running the handler, requeue then reject into a dead-letter exchange,
+//! handler timeouts, foreign messages, deliveries without `message_id`, a
+//! prefetch-20 burst, and a queue declared with other arguments (406).
+//!
+//! Every test uses its own queue and exchange names on the shared broker and
+//! deletes them at the end ([`broker::Cleanup`]); unacked counts come from
+//! `rabbitmqctl list_queues` ([`broker::queue_counts`], about 1 s a call).
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::agent::{ok_id, toml_str, Agent, AgentBuilder};
+use common::broker::{self, Cleanup};
+use common::wait_until;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::ExchangeKind;
+use serde_json::json;
+
+/// How long any single wait of these tests may take on the noisy test machine.
+const DEADLINE: Duration = Duration::from_secs(90);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// An agent on the shared broker whose consumer reads `queue`.
+fn consuming_agent(url: &str, queue: &str) -> AgentBuilder {
+    Agent::builder()
+        .set("broker", "urls", format!("[{}]", toml_str(url)))
+        .set_str("broker", "connect_timeout", "2s")
+        .set_str("publish", "retry_interval", "200ms")
+        .set_str("publish", "resend_every", "300ms")
+        .set_str("consumer", "queue", queue)
+}
+
+/// [`consuming_agent`] with the `exec` handler running `sh -c script`.
+fn exec_agent(url: &str, queue: &str, script: &str) -> AgentBuilder {
+    consuming_agent(url, queue)
+        .set_str("consumer", "handler", "exec")
+        .set(
+            "consumer",
+            "exec",
+            format!(
+                "[{}, {}, {}]",
+                toml_str("sh"),
+                toml_str("-c"),
+                toml_str(script)
+            ),
+        )
+}
+
+/// A `[consumer] bindings` value with one direct binding.
+fn binding(exchange: &str, routing_key: &str) -> String {
+    format!(
+        "[{{ exchange = {}, exchange_type = \"direct\", routing_key = {} }}]",
+        toml_str(exchange),
+        toml_str(routing_key)
+    )
+}
+
+/// Waits until the agent's log says its consumer consumes `queue`.
+fn wait_consuming(agent: &Agent, queue: &str) {
+    wait_until("the consumer to consume", DEADLINE, || {
+        agent
+            .log_text()
+            .lines()
+            .any(|l| l.contains("consuming") && l.contains(queue))
+    });
+}
+
+/// Waits until `queue` holds nothing: no ready and no unacked message.
+fn wait_queue_settled(queue: &str) {
+    wait_until(&format!("{queue}: 0 ready, 0 unacked"), DEADLINE, || {
+        broker::queue_counts(queue) == Some((0, 0))
+    });
+}
+
+/// Lines of `path`; none when it does not exist yet.
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Log lines of the agent containing `needle`.
+fn log_lines(agent: &Agent, needle: &str) -> usize {
+    agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// A single-quoted shell word for `path` (temp paths hold no quotes).
+fn sh_path(path: &Path) -> String {
+    let s = path.to_str().expect("a UTF-8 path");
+    assert!(!s.contains('\''), "{s}");
+    format!("'{s}'")
+}
+
+/// What a test looks at in a `msg_log` row.
+#[derive(Debug)]
+struct Row {
+    status: i64,
+    try_count: i64,
+    consume_count: i64,
+    last_error: Option<String>,
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+}
+
+fn row(agent: &Agent, id: &str) -> Option<Row> {
+    use rusqlite::types::Value;
+    use rusqlite::OptionalExtension;
+    agent
+        .db()
+        .query_row(
+            "SELECT status, try_count, consume_count, last_error, exchange, routing_key, msg \
+             FROM msg_log WHERE id = ?1",
+            [id],
+            |r| {
+                let body = match r.get::<_, Value>(6)? {
+                    Value::Text(s) => s.into_bytes(),
+                    Value::Blob(b) => b,
+                    _ => Vec::new(),
+                };
+                Ok(Row {
+                    status: r.get(0)?,
+                    try_count: r.get(1)?,
+                    consume_count: r.get(2)?,
+                    last_error: r.get(3)?,
+                    exchange: r.get(4)?,
+                    routing_key: r.get(5)?,
+                    body,
+                })
+            },
+        )
+        .optional()
+        .unwrap_or_else(|e| panic!("row {id}: {e}"))
+}
+
+fn status(agent: &Agent, id: &str) -> Option<i64> {
+    row(agent, id).map(|r| r.status)
+}
+
+fn wait_status(agent: &Agent, id: &str, want: i64) -> Row {
+    wait_until(
+        &format!("row {id} to reach status {want}"),
+        DEADLINE,
+        || status(agent, id) == Some(want),
+    );
+    row(agent, id).expect("the row")
+}
+
+fn count_status(agent: &Agent, status: i64) -> i64 {
+    agent.db_count(&format!(
+        "SELECT COUNT(*) FROM msg_log WHERE status = {status}"
+    ))
+}
+
+/// SIGKILLs, when dropped, the handler processes whose pids a test's
+/// handler wrote to a file (they outlive an agent killed with -9), after
+/// checking that each pid still runs `sleep`.
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in lines(&self.0) {
+            let Ok(pid) = pid.trim().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.starts_with(b"sleep") {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// Submit → publish (confirmed) → the agent's own consumer receives it
+/// through its binding → `record` → status 3, never a failed attempt.
+#[test]
+fn a_submitted_message_is_published_and_consumed() {
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let exchange = cleanup.exchange(broker::unique("con-ex"));
+    let queue = cleanup.queue(broker::unique("con-q"));
+    let agent = consuming_agent(&url, &queue)
+        .set("consumer", "bindings", binding(&exchange, "k"))
+        .start();
+    // The consumer declares the exchange, the queue and the binding.
+    wait_consuming(&agent, &queue);
+    let id = ok_id(
+        &agent
+            .client()
+            .submit(&exchange, "k", json!({"hello": "consumer"})),
+    );
+    let r = wait_status(&agent, &id, 3);
+    assert_eq!(r.try_count, 0, "{r:?}");
+    assert_eq!(r.consume_count, 0, "{r:?}");
+    assert_eq!(r.last_error, None, "{r:?}");
+    assert_eq!(r.exchange, exchange);
+    assert_eq!(r.routing_key, "k");
+    wait_queue_settled(&queue);
+    assert_eq!(status(&agent, &id), Some(3), "status 3 stays");
+    assert_eq!(log_lines(&agent, "duplicate delivery"), 0);
+}
+
+/// The ack follows the handler and the commit: while the handler runs, the
+/// delivery is unacked; `kill -9` of the agent gives it back to the queue;
+/// the restarted agent runs the handler again (redelivered) and consumes it.
+#[test]
+fn kill9_during_the_handler_returns_the_message_and_a_restart_consumes_it() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(broker::unique("con-kill"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let (runs, started, pid) = (
+        work.path().join("runs"),
+        work.path().join("started"),
+        work.path().join("pid"),
+    );
+    let _reaper = Reaper(pid.clone());
+    // First run: note the pid, mark "started", hang. Any later run: succeed.
+    let script = format!(
+        "echo \"$EDGE_OUTBOX_REDELIVERED\" >> {runs}; \
+         if [ -e {started} ]; then exit 0; fi; \
+         echo $$ > {pid}; touch {started}; exec sleep 600",
+        runs = sh_path(&runs),
+        started = sh_path(&started),
+        pid = sh_path(&pid),
+    );
+    let mut agent = exec_agent(&url, &queue, &script)
+        .set_str("consumer", "handler_timeout", "10m")
+        .start();
+    wait_consuming(&agent, &queue);
+    let id = broker::unique("kill9-msg");
+    rt.block_on(broker::publish_with_id(
+        &url,
+        "",
+        &queue,
+        b"survives a crash",
+        Some(&id),
+    ));
+    wait_until("the handler to start", DEADLINE, || started.exists());
+    wait_until("the delivery to be unacked", DEADLINE, || {
+        broker::queue_counts(&queue) == Some((0, 1))
+    });
+    assert_eq!(
+        row(&agent, &id).map(|r| r.status),
+        None,
+        "nothing recorded yet"
+    );
+
+    agent.kill9();
+    wait_until("the delivery to be ready again", DEADLINE, || {
+        broker::queue_counts(&queue) == Some((1, 0))
+    });
+    assert_eq!(row(&agent, &id).map(|r| r.status), None);
+
+    agent.restart();
+    let r = wait_status(&agent, &id, 3);
+    assert_eq!(r.consume_count, 0, "{r:?}");
+    assert_eq!(r.body, b"survives a crash");
+    wait_queue_settled(&queue);
+    assert_eq!(
+        lines(&runs),
+        ["0", "1"],
+        "one run per delivery; the second redelivered"
+    );
+}
+
+/// After a message is consumed, the same `message_id` published three more
+/// times by another client is acked each time without running the handler.
+#[test]
+fn a_consumed_message_id_delivered_again_is_acked_without_running_the_handler() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let exchange = cleanup.exchange(broker::unique("con-dup-ex"));
+    let queue = cleanup.queue(broker::unique("con-dup"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let runs = work.path().join("runs");
+    let script = format!("echo \"$EDGE_OUTBOX_MESSAGE_ID\" >> {}", sh_path(&runs));
+    let agent = exec_agent(&url, &queue, &script)
+        .set("consumer", "bindings", binding(&exchange, "dup"))
+        .start();
+    wait_consuming(&agent, &queue);
+    let id = ok_id(&agent.client().submit(&exchange, "dup", json!("once")));
+    wait_status(&agent, &id, 3);
+    wait_queue_settled(&queue);
+    assert_eq!(lines(&runs), [id.as_str()]);
+
+    let again: Vec<(Option<String>, Vec<u8>)> = (0..3)
+        .map(|i| (Some(id.clone()), format!("again {i}").into_bytes()))
+        .collect();
+    rt.block_on(broker::publish_many(&url, &exchange, "dup", &again));
+    wait_until("three duplicates logged", DEADLINE, || {
+        log_lines(&agent, "duplicate delivery") == 3
+    });
+    wait_queue_settled(&queue);
+    assert_eq!(lines(&runs), [id.as_str()], "the handler ran once in all");
+    let r = row(&agent, &id).expect("row");
+    assert_eq!(r.status, 3);
+    assert_eq!(r.consume_count, 0);
+    assert_eq!(r.body, b"once", "the row keeps the submitted body");
+    assert_eq!(agent.rows(), 1);
+}
+
+/// A handler failing on its first run is requeued and succeeds on the
+/// redelivery: two runs, status 3.
+#[test]
+fn a_handler_failing_once_runs_twice_and_the_message_is_consumed() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(broker::unique("con-once"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let (runs, failed) = (work.path().join("runs"), work.path().join("failed"));
+    let script = format!(
+        "echo \"$EDGE_OUTBOX_REDELIVERED\" >> {runs}; \
+         if [ ! -e {failed} ]; then touch {failed}; echo 'first run fails' >&2; exit 1; fi",
+        runs = sh_path(&runs),
+        failed = sh_path(&failed),
+    );
+    let agent = exec_agent(&url, &queue, &script).start();
+    wait_consuming(&agent, &queue);
+    let id = broker::unique("once-msg");
+    rt.block_on(broker::publish_with_id(
+        &url,
+        "",
+        &queue,
+        b"retry me",
+        Some(&id),
+    ));
+    let r = wait_status(&agent, &id, 3);
+    assert_eq!(r.consume_count, 1, "one failed run counted: {r:?}");
+    wait_queue_settled(&queue);
+    assert_eq!(
+        lines(&runs),
+        ["0", "1"],
+        "exactly two runs, the second redelivered"
+    );
+    assert_eq!(status(&agent, &id), Some(3));
+}
+
+/// A handler that always fails runs `max_attempts` times; then the message
+/// is rejected into the dead-letter exchange and the row is 2 with the
+/// handler's stderr.
+fn always_failing(max_attempts: Option<u32>) {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(broker::unique("con-fail"));
+    let dlx = cleanup.exchange(broker::unique("con-dlx"));
+    let dlq = cleanup.queue(broker::unique("con-dlq"));
+    // The agent declares the DLX as a durable fanout: the same declaration.
+    rt.block_on(broker::declare_bound_queue(
+        &url,
+        &dlx,
+        ExchangeKind::Fanout,
+        &dlq,
+        "",
+    ));
+    let work = tempfile::tempdir().expect("tempdir");
+    let runs = work.path().join("runs");
+    let script = format!(
+        "echo run >> {}; echo 'no can do: disk on fire' >&2; exit 7",
+        sh_path(&runs)
+    );
+    let mut builder =
+        exec_agent(&url, &queue, &script).set_str("consumer", "dead_letter_exchange", &dlx);
+    if let Some(n) = max_attempts {
+        builder = builder.set("consumer", "max_attempts", n.to_string());
+    }
+    let agent = builder.start();
+    let attempts = max_attempts.unwrap_or(2);
+    wait_consuming(&agent, &queue);
+    let id = broker::unique("doomed");
+    rt.block_on(broker::publish_with_id(
+        &url,
+        "",
+        &queue,
+        b"doomed",
+        Some(&id),
+    ));
+    let r = wait_status(&agent, &id, 2);
+    assert_eq!(r.consume_count, i64::from(attempts), "{r:?}");
+    let error = r.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("no can do: disk on fire") && error.contains("exit status 7"),
+        "last_error: {error:?}"
+    );
+    wait_until("the message in the dead-letter queue", DEADLINE, || {
+        rt.block_on(broker::queue_len(&url, &dlq)) == 1
+    });
+    wait_queue_settled(&queue);
+    assert_eq!(lines(&runs).len(), attempts as usize, "one run per attempt");
+    let dead = rt.block_on(broker::received(&url, &dlq));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message_id, id);
+    assert_eq!(dead[0].body, b"doomed");
+    assert_eq!(status(&agent, &id), Some(2), "status 2 stays");
+    assert_eq!(
+        lines(&runs).len(),
+        attempts as usize,
+        "no run after giving up"
+    );
+}
+
+#[test]
+fn an_always_failing_handler_dead_letters_after_the_default_two_attempts() {
+    always_failing(None);
+}
+
+#[test]
+fn an_always_failing_handler_dead_letters_after_three_attempts() {
+    always_failing(Some(3));
+}
+
+/// A handler that hangs is killed at `consumer.handler_timeout` and counted
+/// as a failed attempt.
+#[test]
+fn a_hanging_handler_is_killed_at_the_timeout_and_counted_as_a_failure() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(broker::unique("con-hang"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let pids = work.path().join("pids");
+    let _reaper = Reaper(pids.clone());
+    let script = format!("echo $$ >> {}; exec sleep 600", sh_path(&pids));
+    let agent = exec_agent(&url, &queue, &script)
+        .set_str("consumer", "handler_timeout", "1s")
+        .set("consumer", "max_attempts", "1")
+        .start();
+    wait_consuming(&agent, &queue);
+    let id = broker::unique("hang");
+    let published = Instant::now();
+    rt.block_on(broker::publish_with_id(&url, "", &queue, b"zzz", Some(&id)));
+    let r = wait_status(&agent, &id, 2);
+    let took = published.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "a 1 s timeout took {took:?}"
+    );
+    assert_eq!(r.consume_count, 1, "{r:?}");
+    let error = r.last_error.unwrap_or_default();
+    assert!(
+        error.contains("killed") && error.contains("handler_timeout"),
+        "last_error: {error:?}"
+    );
+    let pid = lines(&pids);
+    assert_eq!(pid.len(), 1, "one run");
+    let proc_dir = PathBuf::from(format!("/proc/{}", pid[0].trim()));
+    wait_until("the handler process to be gone", DEADLINE, || {
+        !proc_dir.exists()
+    });
+    wait_queue_settled(&queue);
+}
+
+/// A message another publisher sent with an id this agent never saw is
+/// handled once and recorded: a new row, status 3, with its exchange,
+/// routing key and body (byte-exact, also when it is not UTF-8).
+#[test]
+fn a_foreign_message_is_handled_and_recorded_as_consumed() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let exchange = cleanup.exchange(broker::unique("con-foreign-ex"));
+    let queue = cleanup.queue(broker::unique("con-foreign"));
+    let agent = consuming_agent(&url, &queue)
+        .set("consumer", "bindings", binding(&exchange, "elsewhere"))
+        .start();
+    wait_consuming(&agent, &queue);
+    let (text_id, binary_id) = (broker::unique("foreign-t"), broker::unique("foreign-b"));
+    let text = br#"{"from":"another publisher"}"#.to_vec();
+    let binary: Vec<u8> = (0..=255u8).rev().collect();
+    let messages = vec![
+        (Some(text_id.clone()), text.clone()),
+        (Some(binary_id.clone()), binary.clone()),
+    ];
+    rt.block_on(broker::publish_many(
+        &url,
+        &exchange,
+        "elsewhere",
+        &messages,
+    ));
+    for (id, body) in [(&text_id, &text), (&binary_id, &binary)] {
+        let r = wait_status(&agent, id, 3);
+        assert_eq!(r.exchange, exchange, "{r:?}");
+        assert_eq!(r.routing_key, "elsewhere");
+        assert_eq!(&r.body, body, "{id}: the body is kept byte-exact");
+        assert_eq!((r.try_count, r.consume_count), (0, 0));
+        assert_eq!(r.last_error, None);
+    }
+    wait_queue_settled(&queue);
+    assert_eq!(agent.rows(), 2);
+    assert_eq!(count_status(&agent, 3), 2);
+}
+
+/// A delivery without `message_id` is handled (no deduplication, no row)
+/// and acked.
+#[test]
+fn a_delivery_without_message_id_is_handled_and_acked() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(broker::unique("con-noid"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let runs = work.path().join("runs");
+    let script = format!(
+        "echo \"id=[$EDGE_OUTBOX_MESSAGE_ID] body=[$(cat)]\" >> {}",
+        sh_path(&runs)
+    );
+    let agent = exec_agent(&url, &queue, &script).start();
+    wait_consuming(&agent, &queue);
+    rt.block_on(broker::publish_with_id(
+        &url,
+        "",
+        &queue,
+        b"anonymous",
+        None,
+    ));
+    wait_until("the handler to run", DEADLINE, || !lines(&runs).is_empty());
+    wait_queue_settled(&queue);
+    assert_eq!(lines(&runs), ["id=[] body=[anonymous]"]);
+    assert_eq!(agent.rows(), 0, "nothing to key a row on");
+    assert!(
+        log_lines(&agent, "without message_id") >= 1,
+        "the delivery is logged"
+    );
+}
+
+/// Prefetch 20 and a 2,000-message backlog: every message is handled exactly
+/// once, recorded 3 and acked; never more than 20 unacked at a time.
+#[test]
+fn a_prefetch_20_backlog_of_2000_is_handled_exactly_once_and_all_acked() {
+    const N: usize = 2000;
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(broker::unique("con-bulk"));
+    rt.block_on(broker::declare_queue(&url, &queue));
+    let ids: Vec<String> = (0..N).map(|i| format!("bulk-{i}")).collect();
+    let messages: Vec<(Option<String>, Vec<u8>)> = ids
+        .iter()
+        .map(|id| (Some(id.clone()), format!("body of {id}").into_bytes()))
+        .collect();
+    rt.block_on(broker::publish_many(&url, "", &queue, &messages));
+    assert_eq!(broker::queue_counts(&queue), Some((N as u64, 0)));
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let handled = work.path().join("handled");
+    let script = format!("echo \"$EDGE_OUTBOX_MESSAGE_ID\" >> {}", sh_path(&handled));
+    let agent = exec_agent(&url, &queue, &script)
+        .set("consumer", "prefetch", "20")
+        .start();
+    let mut max_unacked = 0;
+    wait_until("every message consumed", Duration::from_secs(300), || {
+        let (_, unacked) = broker::queue_counts(&queue).expect("the queue");
+        max_unacked = max_unacked.max(unacked);
+        assert!(unacked <= 20, "{unacked} unacked with prefetch 20");
+        count_status(&agent, 3) == N as i64
+    });
+    wait_queue_settled(&queue);
+    let lines = lines(&handled);
+    assert_eq!(lines.len(), N, "one handler run per message");
+    let distinct: HashSet<&str> = lines.iter().map(String::as_str).collect();
+    let expected: HashSet<&str> = ids.iter().map(String::as_str).collect();
+    assert_eq!(distinct, expected, "each message handled exactly once");
+    assert_eq!(agent.rows(), N as i64);
+    assert_eq!(
+        agent.db_count("SELECT COALESCE(SUM(consume_count), 0) FROM msg_log"),
+        0
+    );
+    eprintln!("max unacked seen: {max_unacked}");
+}
+
+/// The consumer's queue exists with other arguments: the broker refuses the
+/// declaration (406 PRECONDITION_FAILED). The agent says so clearly, does
+/// not retry in a hot loop, and keeps running and forwarding.
+#[test]
+fn a_queue_with_other_arguments_is_reported_and_not_retried_in_a_hot_loop() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(broker::unique("con-406"));
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(10));
+    rt.block_on(broker::declare_queue_with_args(&url, &queue, arguments));
+    // Forwarding goes elsewhere.
+    let exchange = cleanup.exchange(broker::unique("con-406-ex"));
+    let out = cleanup.queue(broker::unique("con-406-out"));
+    rt.block_on(broker::declare_exchange_with_queue(
+        &url, &exchange, &out, "out",
+    ));
+
+    let mut agent = consuming_agent(&url, &queue).start();
+    let refusal = |agent: &Agent| {
+        agent
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("PRECONDITION_FAILED") || l.contains("406"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    wait_until("the refusal in the log", DEADLINE, || {
+        !refusal(&agent).is_empty()
+    });
+    let first = Instant::now();
+    let lines = refusal(&agent);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("ERROR") && l.contains(&queue) && l.contains("PRECONDITION")),
+        "an error naming the queue and the refusal: {lines:#?}"
+    );
+
+    // Meanwhile the agent forwards.
+    let id = ok_id(&agent.client().submit(&exchange, "out", json!("still here")));
+    wait_status(&agent, &id, 1);
+    let got = rt.block_on(broker::received(&url, &out));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message_id, id);
+
+    // Watch for 3 s in all: the agent stays up and does not retry hot.
+    while first.elapsed() < Duration::from_secs(3) {
+        assert!(
+            agent.is_running(),
+            "the agent exited:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // One attempt logs the agent's error (plus lapin's and a warning): at
+    // most two attempts in ~3 s.
+    let attempts = refusal(&agent)
+        .iter()
+        .filter(|l| l.contains("ERROR edge_outbox::consume"))
+        .count();
+    assert!(
+        (1..=2).contains(&attempts),
+        "{attempts} declaration attempts logged in ~3 s: {:#?}",
+        refusal(&agent)
+    );
+    assert!(
+        refusal(&agent).len() <= 6,
+        "too many refusal lines: {:#?}",
+        refusal(&agent)
+    );
+    eprintln!("refusal lines in ~3 s: {:#?}", refusal(&agent));
+    // The queue is left as it was.
+    assert_eq!(broker::queue_counts(&queue), Some((0, 0)));
+    assert!(agent.is_running());
+}
+
+/// Copies of one `message_id` delivered together (a backlog holding a
+/// re-published message, prefetch > 1) run the handler once: the second
+/// copy must not pass the "status 3 already?" check while the first copy's
+/// handler still runs.
+#[test]
+fn copies_of_one_message_id_in_flight_together_run_the_handler_once() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(broker::unique("con-twins"));
+    rt.block_on(broker::declare_queue(&url, &queue));
+    let id = broker::unique("twin");
+    let copies: Vec<(Option<String>, Vec<u8>)> = (0..3)
+        .map(|i| (Some(id.clone()), format!("copy {i}").into_bytes()))
+        .collect();
+    rt.block_on(broker::publish_many(&url, "", &queue, &copies));
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let runs = work.path().join("runs");
+    let script = format!(
+        "echo \"$EDGE_OUTBOX_MESSAGE_ID\" >> {}; sleep 0.5",
+        sh_path(&runs)
+    );
+    let agent = exec_agent(&url, &queue, &script)
+        .set("consumer", "prefetch", "10")
+        .start();
+    wait_status(&agent, &id, 3);
+    wait_queue_settled(&queue);
+    assert_eq!(lines(&runs), [id.as_str()], "the handler ran once");
+    assert_eq!(log_lines(&agent, "duplicate delivery"), 2);
+    assert_eq!(status(&agent, &id), Some(3));
+}
