@@ -1,0 +1,258 @@
+//! Consumer benchmark: the agent's idempotent consumer against plain lapin.
+//!
+//! In one run, against the same broker (127.0.0.1:5672), with the same
+//! messages (512 bytes, persistent, unique `message_id`s, in a durable
+//! classic queue pre-filled by a pipelined-confirm publisher):
+//! 1. baseline: a plain lapin consumer, manual acks, prefetch 100, no
+//!    database — timed from connecting until every message is acked;
+//! 2. the agent: the release binary with `[consumer] handler = "record"`,
+//!    prefetch 100, on the pre-filled queue — timed from its start until
+//!    every message is a status-3 row (each committed before its ack).
+//!
+//! Prints both rates and the ratio (target: agent ≥ 50% of plain).
+//! Run with `scripts/bench-consume` (or `cargo bench --bench consume`).
+//! `BENCH_MESSAGES` sets the count (default 50000), `BENCH_PREFETCH` the
+//! prefetch of both (default 100), `BENCH_SYNCHRONOUS` the agent's
+//! `store.synchronous` (default "full", the agent's default).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const BODY: usize = 512;
+/// Outstanding confirms of the pre-fill publisher.
+const WINDOW: usize = 1024;
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let messages: usize = env_or("BENCH_MESSAGES", 50_000);
+    let prefetch: u16 = env_or("BENCH_PREFETCH", 100);
+    let synchronous: String = env_or("BENCH_SYNCHRONOUS", "full".to_string());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    let plain_queue = format!("bench-consume-plain-{suffix}");
+    let agent_queue = format!("bench-consume-agent-{suffix}");
+
+    for (queue, prefix) in [(&plain_queue, "plain"), (&agent_queue, "agent")] {
+        let t = Instant::now();
+        runtime.block_on(prefill(queue, prefix, messages));
+        println!(
+            "pre-filled {queue}: {messages} messages in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+
+    let plain_rate = runtime.block_on(plain_consumer(&plain_queue, messages, prefetch));
+    runtime.block_on(delete_queue(&plain_queue));
+    println!(
+        "plain lapin consumer (manual acks, prefetch {prefetch}): {messages} messages, {plain_rate:.0} msg/s"
+    );
+
+    let agent_rate = agent_consumer(&agent_queue, messages, prefetch, &synchronous);
+    runtime.block_on(delete_queue(&agent_queue));
+    println!(
+        "edge-outbox consumer (record handler, prefetch {prefetch}, synchronous={synchronous}): \
+         {messages} messages, {agent_rate:.0} msg/s"
+    );
+    println!(
+        "ratio agent/plain: {:.2} (target >= 0.50)",
+        agent_rate / plain_rate
+    );
+}
+
+async fn connect() -> Connection {
+    Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 (run scripts/test-setup)")
+}
+
+async fn delete_queue(queue: &str) {
+    let conn = connect().await;
+    let channel = conn.create_channel().await.expect("channel");
+    let _ = channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "".into()).await;
+}
+
+/// Declares `queue` (durable classic) and fills it with `messages` persistent
+/// 512-byte messages with ids `{prefix}-{i}`, pipelining confirms.
+async fn prefill(queue: &str, prefix: &str, messages: usize) {
+    let conn = connect().await;
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue_declare");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm_select");
+    let body = vec![b'x'; BODY];
+    let mut confirms = FuturesUnordered::new();
+    for i in 0..messages {
+        if confirms.len() >= WINDOW {
+            let confirm: lapin::Result<Confirmation> = confirms.next().await.expect("confirm");
+            assert!(
+                matches!(confirm, Ok(Confirmation::Ack(None))),
+                "{confirm:?}"
+            );
+        }
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(format!("{prefix}-{i}").into());
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+    }
+    while let Some(confirm) = confirms.next().await {
+        assert!(
+            matches!(confirm, Ok(Confirmation::Ack(None))),
+            "{confirm:?}"
+        );
+    }
+    let _ = conn.close(200, "".into()).await;
+}
+
+/// Consumes `messages` from `queue` with manual acks; returns messages/s,
+/// from connecting to the last ack.
+async fn plain_consumer(queue: &str, messages: usize, prefetch: u16) -> f64 {
+    let start = Instant::now();
+    let conn = connect().await;
+    let channel = conn.create_channel().await.expect("channel");
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .expect("basic_qos");
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "bench-plain".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("basic_consume");
+    let mut seen = 0;
+    while seen < messages {
+        let delivery = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .expect("a delivery within 60 s")
+            .expect("the consumer stream ended")
+            .expect("delivery");
+        assert_eq!(delivery.data.len(), BODY);
+        assert!(delivery.properties.message_id().is_some());
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        seen += 1;
+    }
+    let rate = messages as f64 / start.elapsed().as_secs_f64();
+    let _ = conn.close(200, "".into()).await;
+    rate
+}
+
+/// Starts the agent consuming `queue` with the `record` handler; returns
+/// messages/s from its start until `messages` rows are status 3.
+fn agent_consumer(queue: &str, messages: usize, prefetch: u16, synchronous: &str) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("bench.db");
+    let log = dir.path().join("agent.log");
+    let config = dir.path().join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\npath = {:?}\nsynchronous = {synchronous:?}\n\
+             [submit]\nsocket = {:?}\n\
+             [broker]\nurls = [{URL:?}]\n\
+             [consumer]\nqueue = {queue:?}\nprefetch = {prefetch}\nhandler = \"record\"\n",
+            db.display().to_string(),
+            dir.path().join("s.sock").display().to_string(),
+        ),
+    )
+    .expect("config");
+    let log_file = std::fs::File::create(&log).expect("log file");
+    let start = Instant::now();
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("start the agent");
+    let deadline = start + Duration::from_secs(900);
+    let mut reader = None;
+    loop {
+        if reader.is_none() && db.exists() {
+            reader = open_reader(&db);
+        }
+        let consumed: i64 = reader
+            .as_ref()
+            .and_then(|r: &rusqlite::Connection| {
+                r.query_row("SELECT COUNT(*) FROM msg_log WHERE status = 3", [], |r| {
+                    r.get(0)
+                })
+                .ok()
+            })
+            .unwrap_or(0);
+        if consumed as usize >= messages {
+            break;
+        }
+        if Instant::now() > deadline || matches!(agent.try_wait(), Ok(Some(_))) {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            panic!(
+                "the agent consumed {consumed} of {messages} in {:?}; its log:\n{}",
+                start.elapsed(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rate = messages as f64 / start.elapsed().as_secs_f64();
+    let _ = Command::new("kill")
+        .args(["-TERM", &agent.id().to_string()])
+        .status();
+    let _ = agent.wait();
+    rate
+}
+
+fn open_reader(db: &Path) -> Option<rusqlite::Connection> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    conn.busy_timeout(Duration::from_secs(5)).ok()?;
+    Some(conn)
+}
