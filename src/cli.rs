@@ -26,6 +26,15 @@ use crate::config::{self, Config, ConfigError};
 use crate::status::StatusReport;
 use crate::store::{Admin, Reader, Row, Status, StoreError};
 
+/// Like `println!`, but a closed stdout (`edge-outbox list | head`) is not
+/// a panic: the output is simply dropped.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
 pub const EXIT_CONFIG: u8 = 78;
 /// How long a client command waits for the agent to answer one request.
@@ -163,10 +172,24 @@ pub fn main() -> ExitCode {
     match execute(cli.command, config) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("edge-outbox: {e:#}");
+            eprintln!("edge-outbox: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once (many messages already quote
+/// their cause).
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn config_failure(e: &ConfigError) -> ExitCode {
@@ -185,12 +208,20 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { .. } => {
             crate::app::init_logging(&config.log);
-            runtime()?.block_on(crate::app::run(config))?;
-            Ok(ExitCode::SUCCESS)
+            match runtime()?.block_on(crate::app::run(config)) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                // A password or TLS file that cannot be read is a
+                // configuration problem: exit 78, so systemd does not loop.
+                Err(crate::app::AppError::Broker(e)) => {
+                    eprintln!("edge-outbox: bad configuration: {e}");
+                    Ok(ExitCode::from(EXIT_CONFIG))
+                }
+                Err(e) => Err(e.into()),
+            }
         }
         Command::CheckConfig { .. } => {
-            println!("configuration OK");
-            print!("{}", effective_config(&config)?);
+            out!("configuration OK");
+            out!("{}", effective_config(&config)?.trim_end());
             Ok(ExitCode::SUCCESS)
         }
         Command::Submit {
@@ -228,7 +259,7 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             let rows = Reader::open(&config.store.path)?.list(status, limit)?;
             if json {
                 let rows: Vec<Value> = rows.iter().map(|r| row_json(r, false)).collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 print_table(&rows);
             }
@@ -240,7 +271,7 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&row_json(&row, true))?);
+                out!("{}", serde_json::to_string_pretty(&row_json(&row, true))?);
             } else {
                 print_row(&row);
             }
@@ -250,7 +281,7 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             let report = crate::purge::purge_database(&config.store.path, &config.purge, dry_run)?;
             let d = report.deleted;
             let verb = if dry_run { "would delete" } else { "deleted" };
-            println!(
+            out!(
                 "{verb} {} row(s): {} delivered, {} consumed (older than {}), {} failed (older than {})",
                 d.total(),
                 d.delivered,
@@ -265,12 +296,12 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             let mut admin = Admin::open(&config.store.path)?;
             if failed {
                 let n = admin.retry_failed()?;
-                println!("{n} failed message(s) moved back to delivering");
+                out!("{n} failed message(s) moved back to delivering");
                 return Ok(ExitCode::SUCCESS);
             }
             let skipped = admin.retry(&ids)?;
             let moved = ids.len() - skipped.len();
-            println!("{moved} message(s) moved back to delivering");
+            out!("{moved} message(s) moved back to delivering");
             for id in &skipped {
                 eprintln!(
                     "edge-outbox: {id}: not a failed message (missing, or in another status)"
@@ -401,9 +432,9 @@ fn report_answer(answer: &Value) -> ExitCode {
     if answer["ok"] == Value::Bool(true) {
         let id = answer["id"].as_str().unwrap_or_default();
         if answer["duplicate"] == Value::Bool(true) {
-            println!("{id} (duplicate: already stored)");
+            out!("{id} (duplicate: already stored)");
         } else {
-            println!("{id}");
+            out!("{id}");
         }
         ExitCode::SUCCESS
     } else {
@@ -528,7 +559,7 @@ fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         },
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_status(&report);
     }
@@ -556,18 +587,21 @@ fn print_status(r: &StatusReport) {
     } else {
         "agent not running: read from the database"
     };
-    println!("edge-outbox {} ({source})", r.version);
+    out!("edge-outbox {} ({source})", r.version);
     let c = &r.counts;
-    println!(
+    out!(
         "messages:  {} delivering, {} delivered, {} failed, {} consumed",
-        c.delivering, c.delivered, c.failed, c.consumed
+        c.delivering,
+        c.delivered,
+        c.failed,
+        c.consumed
     );
     match r.oldest_pending_age_ms {
-        Some(age) => println!("oldest undelivered: {} old", format_age(age)),
-        None => println!("oldest undelivered: none waiting"),
+        Some(age) => out!("oldest undelivered: {} old", format_age(age)),
+        None => out!("oldest undelivered: none waiting"),
     }
     match &r.broker {
-        Some(b) if b.connected => println!(
+        Some(b) if b.connected => out!(
             "broker:    connected to {} since {}, {} in flight{}",
             b.url.as_deref().unwrap_or("?"),
             format_time(b.since),
@@ -578,7 +612,7 @@ fn print_status(r: &StatusReport) {
                 ""
             }
         ),
-        Some(b) => println!(
+        Some(b) => out!(
             "broker:    not connected{}{}",
             b.since
                 .map(|t| format!(" since {}", format_time(Some(t))))
@@ -588,9 +622,9 @@ fn print_status(r: &StatusReport) {
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default()
         ),
-        None => println!("broker:    unknown (agent not running)"),
+        None => out!("broker:    unknown (agent not running)"),
     }
-    println!(
+    out!(
         "database:  {} ({}{})",
         r.db_path,
         bytesize::ByteSize(r.db_size_bytes),
@@ -622,12 +656,17 @@ fn row_json(row: &Row, with_body: bool) -> Value {
 }
 
 fn print_table(rows: &[Row]) {
-    println!(
+    out!(
         "{:<38} {:<10} {:>5}  {:<20} {:<20} {:<20} LAST ERROR",
-        "ID", "STATUS", "TRIES", "EXCHANGE", "ROUTING KEY", "CREATED"
+        "ID",
+        "STATUS",
+        "TRIES",
+        "EXCHANGE",
+        "ROUTING KEY",
+        "CREATED"
     );
     for r in rows {
-        println!(
+        out!(
             "{:<38} {:<10} {:>5}  {:<20} {:<20} {:<20} {}",
             r.id,
             r.status.name(),
@@ -641,28 +680,28 @@ fn print_table(rows: &[Row]) {
 }
 
 fn print_row(r: &Row) {
-    println!("id:            {}", r.id);
-    println!("status:        {} ({})", r.status.name(), r.status as i64);
-    println!("exchange:      {:?}", r.exchange);
-    println!("routing key:   {:?}", r.routing_key);
-    println!("tries failed:  {}", r.try_count);
-    println!("created:       {}", format_time(r.create_time));
-    println!("updated:       {}", format_time(r.update_time));
-    println!("next try:      {}", format_time(r.next_try_time));
-    println!(
+    out!("id:            {}", r.id);
+    out!("status:        {} ({})", r.status.name(), r.status as i64);
+    out!("exchange:      {:?}", r.exchange);
+    out!("routing key:   {:?}", r.routing_key);
+    out!("tries failed:  {}", r.try_count);
+    out!("created:       {}", format_time(r.create_time));
+    out!("updated:       {}", format_time(r.update_time));
+    out!("next try:      {}", format_time(r.next_try_time));
+    out!(
         "content type:  {}",
         r.content_type.as_deref().unwrap_or("-")
     );
-    println!("headers:       {}", r.headers.as_deref().unwrap_or("-"));
-    println!("last error:    {}", r.last_error.as_deref().unwrap_or("-"));
+    out!("headers:       {}", r.headers.as_deref().unwrap_or("-"));
+    out!("last error:    {}", r.last_error.as_deref().unwrap_or("-"));
     if r.body_is_text {
-        println!(
+        out!(
             "body ({} bytes):\n{}",
             r.body.len(),
             String::from_utf8_lossy(&r.body)
         );
     } else {
-        println!(
+        out!(
             "body ({} bytes, base64):\n{}",
             r.body.len(),
             base64::engine::general_purpose::STANDARD.encode(&r.body)

@@ -120,7 +120,7 @@ pub struct SubmitConfig {
     pub max_message_size: ByteSize,
     pub max_connections: usize,
     /// A connection that sends no complete line for this long is closed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub idle_timeout: Duration,
 }
 
@@ -159,9 +159,9 @@ pub struct BrokerConfig {
     pub urls: Vec<String>,
     /// A file whose content replaces the URLs' password (systemd credentials).
     pub password_file: PathBuf,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub heartbeat: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub connect_timeout: Duration,
     pub tls_ca_file: PathBuf,
     pub tls_cert_file: PathBuf,
@@ -201,12 +201,12 @@ impl Default for BrokerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PublishConfig {
     pub max_in_flight: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub confirm_timeout: Duration,
     pub max_attempts: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub retry_interval: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub resend_every: Duration,
 }
 
@@ -259,7 +259,7 @@ pub struct ConsumerConfig {
     pub prefetch: u16,
     pub handler: HandlerKind,
     pub exec: Vec<String>,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub handler_timeout: Duration,
     pub max_attempts: u32,
     pub dead_letter_exchange: String,
@@ -286,9 +286,9 @@ impl Default for ConsumerConfig {
 pub struct PurgeConfig {
     /// Local time of day, "HH:MM".
     pub at: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub retention: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "human_duration")]
     pub failed_retention: Duration,
     pub batch_size: u32,
 }
@@ -613,6 +613,38 @@ impl Config {
     }
 }
 
+/// Durations as people write them: read with humantime ("500ms", "30s",
+/// "30d"), written in the largest whole unit ("90d", not "2months 29days…").
+mod human_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration: {e}")))
+    }
+
+    pub fn format(d: Duration) -> String {
+        let ms = d.as_millis();
+        if ms % 1000 != 0 {
+            return format!("{ms}ms");
+        }
+        let secs = d.as_secs();
+        for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+            if secs > 0 && secs % size == 0 {
+                return format!("{}{unit}", secs / size);
+            }
+        }
+        format!("{secs}s")
+    }
+}
+
 /// Parses "HH:MM" into minutes after midnight.
 pub fn parse_time_of_day(s: &str) -> Result<u32, String> {
     let bad = || format!("{s:?} is not a time of day like \"03:00\"");
@@ -747,6 +779,22 @@ mod tests {
         assert_eq!(redact_url("amqp://host/vh"), "amqp://host/vh");
         let c = Config::default();
         assert!(!format!("{c:?}").contains("guest:guest"));
+    }
+
+    #[test]
+    fn durations_print_in_whole_units() {
+        let f = human_duration::format;
+        assert_eq!(f(Duration::from_secs(90 * 86_400)), "90d");
+        assert_eq!(f(Duration::from_secs(7_200)), "2h");
+        assert_eq!(f(Duration::from_secs(90)), "90s");
+        assert_eq!(f(Duration::from_millis(500)), "500ms");
+        let shown = toml::to_string(&Config::default()).unwrap();
+        assert!(shown.contains("failed_retention = \"90d\""), "{shown}");
+        let again = load_from(Some(&shown), "round trip", &[]).unwrap();
+        assert_eq!(
+            again.purge.failed_retention,
+            Duration::from_secs(90 * 86_400)
+        );
     }
 
     #[test]

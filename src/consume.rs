@@ -58,6 +58,11 @@ const DECLARE_RETRY: Duration = Duration::from_secs(60);
 const SHUTDOWN_HANDLER_WAIT: Duration = Duration::from_secs(8);
 /// `last_error` keeps at most this many bytes of a handler's stderr.
 const ERROR_KEEP: usize = 1024;
+/// How much of a handler's stderr is kept (the rest is read and dropped).
+const STDERR_KEEP: usize = 64 * 1024;
+/// After the handler exits, how long its stderr may stay open (held by a
+/// process it left in the background) before the exit status decides.
+const STDERR_GRACE: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
@@ -278,19 +283,43 @@ async fn run_exec(argv: &[String], timeout: Duration, message: &Message) -> Resu
             let _ = stdin.write_all(&body).await;
         }
     };
+    // Read stderr to the end (keeping the first STDERR_KEEP bytes): closing
+    // it early would kill a verbose handler with SIGPIPE. Once the handler
+    // has exited, stop reading after STDERR_GRACE: a background process it
+    // left may hold stderr open indefinitely.
     let mut stderr = child.stderr.take();
-    let collect = async move {
-        let mut out = Vec::new();
-        if let Some(stderr) = stderr.as_mut() {
-            let _ = stderr.take(64 * 1024).read_to_end(&mut out).await;
+    let mut err = Vec::new();
+    let (exited_tx, exited_rx) = tokio::sync::oneshot::channel::<()>();
+    let read_stderr = async {
+        let Some(stderr) = stderr.as_mut() else {
+            return;
+        };
+        let mut chunk = [0u8; 8192];
+        while let Ok(n @ 1..) = stderr.read(&mut chunk).await {
+            let room = STDERR_KEEP.saturating_sub(err.len());
+            err.extend_from_slice(&chunk[..n.min(room)]);
         }
-        out
     };
     let waited = tokio::time::timeout(timeout, async {
-        let ((), err, status) = tokio::join!(feed, collect, child.wait());
-        (err, status)
+        let run = async {
+            let ((), status) = tokio::join!(feed, child.wait());
+            let _ = exited_tx.send(());
+            status
+        };
+        let drain = async {
+            tokio::select! {
+                () = read_stderr => {}
+                () = async {
+                    let _ = exited_rx.await;
+                    tokio::time::sleep(STDERR_GRACE).await;
+                } => {}
+            }
+        };
+        let (status, ()) = tokio::join!(run, drain);
+        status
     })
     .await;
+    let waited = waited.map(|status| (err, status));
     match waited {
         Ok((err, Ok(status))) if status.success() => {
             if !err.is_empty() {
