@@ -58,6 +58,8 @@ const DECLARE_RETRY: Duration = Duration::from_secs(60);
 const SHUTDOWN_HANDLER_WAIT: Duration = Duration::from_secs(8);
 /// `last_error` keeps at most this many bytes of a handler's stderr.
 const ERROR_KEEP: usize = 1024;
+/// After a store error, how long a delivery waits before going back to the queue.
+const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// How much of a handler's stderr is kept (the rest is read and dropped).
 const STDERR_KEEP: usize = 64 * 1024;
 /// After the handler exits, how long its stderr may stay open (held by a
@@ -590,7 +592,7 @@ impl Consumer {
                 Some(done) = running.join_next(), if !running.is_empty() => {
                     match done {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::warn!(error = %e, "could not record a delivery; it will be redelivered"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "could not record a delivery; it went back to the queue"),
                         Err(e) => tracing::error!(error = %e, "a delivery's task panicked; it will be redelivered"),
                     }
                 }
@@ -645,9 +647,22 @@ async fn handle(
         Some(id) => Some(in_flight.turn(id).await),
         None => None,
     };
-    // A store error leaves the delivery unacked: the broker redelivers it
-    // when the channel closes; nothing is decided without the database.
-    let settle = process(&store, &handler, max_attempts, &message, &metrics).await?;
+    // Nothing is decided without the database: on a store error the
+    // delivery goes back to the queue (after a pause, so a database that
+    // stays broken is no hot loop). Left unacked it would hold its prefetch
+    // slot for as long as the channel lives.
+    let settle = match process(&store, &handler, max_attempts, &message, &metrics).await {
+        Ok(settle) => settle,
+        Err(e) => {
+            tokio::time::sleep(STORE_ERROR_PAUSE).await;
+            let requeue = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            let _ = delivery.acker.nack(requeue).await;
+            return Err(e);
+        }
+    };
     let acker = &delivery.acker;
     let sent = match settle {
         Settle::Ack => acker.ack(BasicAckOptions::default()).await,

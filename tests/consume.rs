@@ -794,3 +794,54 @@ fn a_verbose_handler_exiting_0_succeeds() {
     assert_eq!(r.status, 3, "the handler exited 0: {r:?}");
     wait_queue_settled(&queue);
 }
+
+/// A delivery whose outcome cannot be committed (the database is locked by
+/// someone else past the busy timeout) is not left unacked for the life of
+/// the channel: it goes back to the queue and is consumed once the database
+/// is writable again, without a reconnect. (With prefetch 1, the default, a
+/// stranded delivery would stop the consumer altogether.)
+#[test]
+fn a_delivery_that_cannot_be_recorded_is_requeued_not_stranded() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(broker::unique("con-locked"));
+    let agent = consuming_agent(&url, &queue).start();
+    wait_consuming(&agent, &queue);
+    // Someone holds the write lock longer than the agent's busy timeout.
+    let locker = agent.db();
+    locker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("taking the write lock");
+    let id = broker::unique("locked");
+    rt.block_on(broker::publish_with_id(
+        &url,
+        "",
+        &queue,
+        b"later",
+        Some(&id),
+    ));
+    wait_until("the failed commit in the log", DEADLINE, || {
+        log_lines(&agent, "could not record a delivery") >= 1
+    });
+    locker
+        .execute_batch("ROLLBACK")
+        .expect("releasing the lock");
+    drop(locker);
+    let second = broker::unique("after");
+    rt.block_on(broker::publish_with_id(
+        &url,
+        "",
+        &queue,
+        b"next",
+        Some(&second),
+    ));
+    wait_status(&agent, &id, 3);
+    wait_status(&agent, &second, 3);
+    wait_queue_settled(&queue);
+    assert_eq!(
+        log_lines(&agent, "consumer lost its connection"),
+        0,
+        "no reconnect needed"
+    );
+}
