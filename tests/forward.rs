@@ -10,34 +10,13 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::agent::{ok_id, Agent, AgentBuilder};
+use common::agent::{forwarding_agent, ok_id, Agent, AgentBuilder};
 use common::broker::{self, Received};
 use common::proxy::{FaultProxy, Mode};
 use common::wait_until;
 use serde_json::{json, Value};
 
 const DRAIN: Duration = Duration::from_secs(120);
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// An agent forwarding to `url`, with fast retry timings.
-fn forwarding_agent(url: &str) -> AgentBuilder {
-    Agent::builder()
-        .set(
-            "broker",
-            "urls",
-            format!("[{}]", common::agent::toml_str(url)),
-        )
-        .set_str("broker", "connect_timeout", "2s")
-        .set_str("publish", "retry_interval", "200ms")
-        .set_str("publish", "resend_every", "300ms")
-}
 
 /// A durable direct exchange and queue bound with `routing_key`.
 fn topology(rt: &tokio::runtime::Runtime, url: &str, routing_key: &str) -> (String, String) {
@@ -61,12 +40,6 @@ fn status_of(agent: &Agent, id: &str) -> (i64, i64, Option<String>) {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap_or_else(|e| panic!("row {id}: {e}"))
-}
-
-fn count_status(agent: &Agent, status: i64) -> i64 {
-    agent.db_count(&format!(
-        "SELECT COUNT(*) FROM msg_log WHERE status = {status}"
-    ))
 }
 
 /// Submits `n` messages with ids `{prefix}-{i}` on one pipelined connection.
@@ -113,14 +86,14 @@ fn assert_all_received(received: &[Received], ids: &[String]) {
 
 fn wait_all_delivered(agent: &Agent, n: i64, deadline: Duration) {
     wait_until(&format!("{n} rows delivered"), deadline, || {
-        count_status(agent, 1) == n
+        agent.count_status(1) == n
     });
-    assert_eq!(count_status(agent, 2), 0, "no message may fail");
+    assert_eq!(agent.count_status(2), 0, "no message may fail");
 }
 
 #[test]
 fn a_normal_message_is_confirmed_and_arrives_intact() {
-    let rt = rt();
+    let rt = common::rt();
     let url = broker::default_url();
     let (exchange, queue) = topology(&rt, &url, "user");
     let agent = forwarding_agent(&url).start();
@@ -158,7 +131,7 @@ fn a_normal_message_is_confirmed_and_arrives_intact() {
 
 #[test]
 fn a_missing_exchange_fails_after_max_attempts_and_costs_others_nothing() {
-    let rt = rt();
+    let rt = common::rt();
     let url = broker::default_url();
     let (exchange, queue) = topology(&rt, &url, "k");
     let agent = forwarding_agent(&url)
@@ -194,7 +167,7 @@ fn a_missing_exchange_fails_after_max_attempts_and_costs_others_nothing() {
 
 #[test]
 fn an_unroutable_message_is_never_delivered_and_fails_with_no_route() {
-    let rt = rt();
+    let rt = common::rt();
     let url = broker::default_url();
     let (exchange, queue) = topology(&rt, &url, "bound");
     let agent = forwarding_agent(&url)
@@ -223,7 +196,7 @@ fn an_unroutable_message_is_never_delivered_and_fails_with_no_route() {
 
 #[test]
 fn offline_submits_cost_nothing_and_drain_in_order_when_the_broker_returns() {
-    let rt = rt();
+    let rt = common::rt();
     let url = broker::default_url();
     let (exchange, queue) = topology(&rt, &url, "k");
     let proxy = FaultProxy::start(broker::default_addr());
@@ -233,7 +206,7 @@ fn offline_submits_cost_nothing_and_drain_in_order_when_the_broker_returns() {
     // As long as the outage lasts, nothing is attempted and nothing counted.
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
-        assert_eq!(count_status(&agent, 0), 300);
+        assert_eq!(agent.count_status(0), 300);
         assert_eq!(agent.db_count("SELECT SUM(try_count) FROM msg_log"), 0);
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -263,7 +236,7 @@ fn survive(
     builder: impl FnOnce(&str) -> AgentBuilder,
     fault: impl FnOnce(&Agent, &FaultProxy),
 ) {
-    let rt = rt();
+    let rt = common::rt();
     let url = broker::default_url();
     let (exchange, queue) = topology(&rt, &url, "k");
     let proxy = FaultProxy::start(broker::default_addr());
@@ -285,10 +258,10 @@ fn five_thousand_messages_survive_four_connection_cuts() {
         for cut in 1..=4 {
             // Cut mid-stream: after 1,000, 2,000, 3,000 and 4,000 deliveries.
             wait_until("progress before a cut", DRAIN, || {
-                count_status(agent, 1) >= cut * 1_000
+                agent.count_status(1) >= cut * 1_000
             });
             proxy.cut_all();
-            eprintln!("cut {cut} at {} delivered", count_status(agent, 1));
+            eprintln!("cut {cut} at {} delivered", agent.count_status(1));
         }
     });
 }
@@ -301,7 +274,7 @@ fn five_thousand_messages_survive_a_thirty_second_silent_stall() {
         |url| forwarding_agent(url).set_str("broker", "heartbeat", "5s"),
         |agent, proxy| {
             wait_until("progress before the stall", DRAIN, || {
-                count_status(agent, 1) > 0
+                agent.count_status(1) > 0
             });
             proxy.set_mode(Mode::Stall);
             std::thread::sleep(Duration::from_secs(30));
@@ -312,7 +285,7 @@ fn five_thousand_messages_survive_a_thirty_second_silent_stall() {
 
 #[test]
 fn a_dead_link_is_noticed_within_about_two_heartbeats() {
-    let rt = rt();
+    let rt = common::rt();
     let url = broker::default_url();
     let proxy = FaultProxy::start(broker::default_addr());
     let agent = forwarding_agent(&proxy.url_for(&url))
@@ -335,7 +308,7 @@ fn a_dead_link_is_noticed_within_about_two_heartbeats() {
 #[test]
 fn acknowledged_messages_survive_a_broker_restart_and_a_broker_kill() {
     let node = broker::lock_restartable();
-    let rt = rt();
+    let rt = common::rt();
     let url = node.url();
     let (exchange, queue) = topology(&rt, &url, "k");
     let agent = forwarding_agent(&url).start();
@@ -344,7 +317,7 @@ fn acknowledged_messages_survive_a_broker_restart_and_a_broker_kill() {
         let ids = std::thread::scope(|s| {
             let submitter = s.spawn(|| submit_many(&agent, &exchange, "k", round, 2_000));
             wait_until("progress", DRAIN, || {
-                count_status(&agent, 1) > all.len() as i64
+                agent.count_status(1) > all.len() as i64
             });
             if kill {
                 node.kill9();
@@ -365,7 +338,7 @@ fn acknowledged_messages_survive_a_broker_restart_and_a_broker_kill() {
 #[test]
 fn a_blocked_broker_is_waited_out_without_counting_failures() {
     let node = broker::lock_restartable();
-    let rt = rt();
+    let rt = common::rt();
     let url = node.url();
     let (exchange, queue) = topology(&rt, &url, "k");
     // A short confirm timeout: were blocked waits counted, they would show.
@@ -387,7 +360,7 @@ fn a_blocked_broker_is_waited_out_without_counting_failures() {
             agent.db_count("SELECT COALESCE(SUM(try_count), 0) FROM msg_log"),
             0
         );
-        assert_eq!(count_status(&agent, 2), 0);
+        assert_eq!(agent.count_status(2), 0);
         std::thread::sleep(Duration::from_millis(200));
     }
     node.memory_alarm(false);
@@ -399,14 +372,14 @@ fn a_blocked_broker_is_waited_out_without_counting_failures() {
 
 #[test]
 fn acknowledged_messages_survive_kill_9_of_the_agent() {
-    let rt = rt();
+    let rt = common::rt();
     let url = broker::default_url();
     let (exchange, queue) = topology(&rt, &url, "k");
     let mut agent = forwarding_agent(&url).start();
     let ids = submit_many(&agent, &exchange, "k", "crash", 3_000);
-    wait_until("some delivered", DRAIN, || count_status(&agent, 1) > 0);
+    wait_until("some delivered", DRAIN, || agent.count_status(1) > 0);
     agent.kill9();
-    let stuck = count_status(&agent, 0);
+    let stuck = agent.count_status(0);
     eprintln!("killed with {stuck} rows undelivered");
     agent.restart();
     wait_all_delivered(&agent, 3_000, DRAIN);
@@ -441,7 +414,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 #[ignore]
 fn a_million_row_backlog_drains_in_flat_memory() {
     const ROWS: i64 = 1_000_000;
-    let rt = rt();
+    let rt = common::rt();
     let url = broker::default_url();
     let queue = broker::unique("million");
     rt.block_on(broker::declare_queue(&url, &queue));
@@ -478,7 +451,7 @@ fn a_million_row_backlog_drains_in_flat_memory() {
     let pid = agent.pid();
     let mut peak = 0;
     let start = Instant::now();
-    while count_status(&agent, 1) < ROWS {
+    while agent.count_status(1) < ROWS {
         peak = peak.max(rss_kib(pid).unwrap_or(0));
         assert!(start.elapsed() < Duration::from_secs(1800), "did not drain");
         std::thread::sleep(Duration::from_millis(200));

@@ -7,34 +7,12 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::agent::{ok_id, toml_str, Agent, AgentBuilder};
+use common::agent::{forwarding_agent, ok_id, Agent};
 use common::broker;
 use common::wait_until;
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(120);
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn forwarding_agent(url: &str) -> AgentBuilder {
-    Agent::builder()
-        .set("broker", "urls", format!("[{}]", toml_str(url)))
-        .set_str("broker", "connect_timeout", "2s")
-        .set_str("publish", "retry_interval", "200ms")
-        .set_str("publish", "resend_every", "300ms")
-}
-
-fn count_status(agent: &Agent, status: i64) -> i64 {
-    agent.db_count(&format!(
-        "SELECT COUNT(*) FROM msg_log WHERE status = {status}"
-    ))
-}
 
 #[test]
 fn purge_deletes_old_settled_rows_never_pending_and_dry_run_deletes_nothing() {
@@ -85,7 +63,7 @@ fn purge_deletes_old_settled_rows_never_pending_and_dry_run_deletes_nothing() {
 
 #[test]
 fn sigterm_during_a_stream_loses_nothing_acknowledged() {
-    let rt = rt();
+    let rt = common::rt();
     let url = broker::default_url();
     let exchange = broker::unique("term-ex");
     let queue = broker::unique("term-q");
@@ -124,7 +102,7 @@ fn sigterm_during_a_stream_loses_nothing_acknowledged() {
             ok
         });
         wait_until("some forwarded", DEADLINE, || {
-            count_status(writer_agent, 1) > 500
+            writer_agent.count_status(1) > 500
         });
         Command::new("kill")
             .args(["-TERM", &writer_agent.pid().to_string()])
@@ -148,7 +126,7 @@ fn sigterm_during_a_stream_loses_nothing_acknowledged() {
     drop(db);
     agent.restart();
     wait_until("everything delivered after restart", DEADLINE, || {
-        count_status(&agent, 0) == 0
+        agent.count_status(0) == 0
     });
     let received: std::collections::HashSet<String> = rt
         .block_on(broker::received(&url, &queue))
@@ -300,7 +278,7 @@ fn sample(text: &str, name: &str) -> f64 {
 
 #[test]
 fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
-    let rt = rt();
+    let rt = common::rt();
     let url = broker::default_url();
     let exchange = broker::unique("metrics-ex");
     let queue = broker::unique("metrics-q");
@@ -323,7 +301,7 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     }
     let bad = client.request(&json!({"exchange": 1}));
     assert_eq!(bad["ok"], Value::Bool(false));
-    wait_until("delivered", DEADLINE, || count_status(&agent, 1) == 25);
+    wait_until("delivered", DEADLINE, || agent.count_status(1) == 25);
     let after = scrape(port);
     assert_eq!(sample(&after, "edge_outbox_submits_accepted_total"), 25.0);
     assert_eq!(
@@ -478,7 +456,7 @@ impl Drop for TlsListener {
 
 #[test]
 fn a_tls_connection_delivers_and_a_wrong_ca_fails_fast() {
-    let rt = rt();
+    let rt = common::rt();
     let url = broker::default_url();
     let exchange = broker::unique("tls-ex");
     let queue = broker::unique("tls-q");
@@ -496,7 +474,7 @@ fn a_tls_connection_delivers_and_a_wrong_ca_fails_fast() {
         .start();
     let id = ok_id(&agent.client().submit(&exchange, "k", json!("over TLS")));
     wait_until("delivered over TLS", DEADLINE, || {
-        count_status(&agent, 1) == 1
+        agent.count_status(1) == 1
     });
     let received = rt.block_on(broker::received(&url, &queue));
     assert_eq!(received.len(), 1);

@@ -32,6 +32,15 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// A broker address nothing listens on.
 pub const DEAD_BROKER: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
 
+/// An agent forwarding to the broker at `url`, with fast retry timings.
+pub fn forwarding_agent(url: &str) -> AgentBuilder {
+    Agent::builder()
+        .set("broker", "urls", format!("[{}]", toml_str(url)))
+        .set_str("broker", "connect_timeout", "2s")
+        .set_str("publish", "retry_interval", "200ms")
+        .set_str("publish", "resend_every", "300ms")
+}
+
 /// A TOML string literal for `s` (paths, durations, sizes).
 pub fn toml_str(s: impl AsRef<str>) -> String {
     toml::Value::String(s.as_ref().to_string()).to_string()
@@ -340,6 +349,13 @@ impl Agent {
         self.db()
             .query_row(sql, [], |r| r.get(0))
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Rows in `msg_log` with status code `status`.
+    pub fn count_status(&self, status: i64) -> i64 {
+        self.db_count(&format!(
+            "SELECT COUNT(*) FROM msg_log WHERE status = {status}"
+        ))
     }
 
     /// Rows in `msg_log`.
