@@ -286,9 +286,9 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 d.total(),
                 d.delivered,
                 d.consumed,
-                humantime::format_duration(config.purge.retention),
+                config::format_duration(config.purge.retention),
                 d.failed,
-                humantime::format_duration(config.purge.failed_retention),
+                config::format_duration(config.purge.failed_retention),
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -645,6 +645,12 @@ mod human_duration {
     }
 }
 
+/// A duration in the largest whole unit ("90d", "500ms"), as the
+/// configuration writes it.
+pub fn format_duration(d: Duration) -> String {
+    human_duration::format(d)
+}
+
 /// Parses "HH:MM" into minutes after midnight.
 pub fn parse_time_of_day(s: &str) -> Result<u32, String> {
     let bad = || format!("{s:?} is not a time of day like \"03:00\"");

@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{parse_time_of_day, PurgeConfig};
 use crate::store::{now_ms, Admin, PurgeCutoffs, Reader, StatusCounts, Store, StoreError};
 
+/// The CLI's pause between batches (it shares the database with the agent).
+const BATCH_PAUSE: Duration = Duration::from_millis(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum PurgeError {
     #[error(transparent)]
@@ -138,13 +141,16 @@ pub fn purge_database(
     let mut report = PurgeReport::default();
     loop {
         let deleted = admin.purge_batch(cutoffs, config.batch_size)?;
+        admin.reclaim()?;
         report.deleted = report.deleted.plus(deleted);
         report.batches += 1;
         if deleted.total() < u64::from(config.batch_size) {
             break;
         }
+        // Let a running agent's writer take the lock between batches, so
+        // its submits wait for one batch at most.
+        std::thread::sleep(BATCH_PAUSE);
     }
-    admin.reclaim()?;
     Ok(report)
 }
 

@@ -293,9 +293,14 @@ fn purge_batch(
 /// Hands freed pages back to the filesystem (the database uses
 /// `auto_vacuum = INCREMENTAL`).
 fn reclaim(conn: &Connection) -> Result<(), StoreError> {
-    conn.execute_batch("PRAGMA incremental_vacuum")?;
+    // Bounded, like the purge batches: a whole backlog of free pages at once
+    // would hold the write lock for as long as it takes to move them.
+    conn.execute_batch(&format!("PRAGMA incremental_vacuum({RECLAIM_PAGES})"))?;
     Ok(())
 }
+
+/// Free pages handed back to the filesystem per step.
+const RECLAIM_PAGES: u32 = 2048;
 
 /// A delivery as the consumer saw it (enough to insert the row for a
 /// message this agent did not publish).
@@ -1398,7 +1403,7 @@ impl Admin {
         Ok(deleted)
     }
 
-    /// Hands freed pages back to the filesystem.
+    /// Hands one step of freed pages back to the filesystem.
     pub fn reclaim(&mut self) -> Result<(), StoreError> {
         reclaim(&self.conn)
     }
