@@ -845,3 +845,97 @@ fn a_delivery_that_cannot_be_recorded_is_requeued_not_stranded() {
         "no reconnect needed"
     );
 }
+
+/// SIGTERM while a handler runs: the agent lets it finish (within the drain
+/// bound), commits, acks, and exits 0.
+#[test]
+fn sigterm_lets_a_running_handler_finish_and_ack() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(broker::unique("con-term"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let (started, runs) = (work.path().join("started"), work.path().join("runs"));
+    let script = format!(
+        "touch {}; sleep 2; echo done >> {}",
+        sh_path(&started),
+        sh_path(&runs)
+    );
+    let mut agent = exec_agent(&url, &queue, &script).start();
+    wait_consuming(&agent, &queue);
+    let id = broker::unique("term");
+    rt.block_on(broker::publish_with_id(&url, "", &queue, b"", Some(&id)));
+    wait_until("the handler to start", DEADLINE, || started.exists());
+    agent.terminate();
+    let exit = agent.wait_exit(Duration::from_secs(30));
+    assert!(exit.success(), "exit status {exit}");
+    assert_eq!(status(&agent, &id), Some(3));
+    assert_eq!(lines(&runs), ["done"]);
+    wait_queue_settled(&queue);
+}
+
+/// SIGTERM while a handler runs past the drain bound: the agent stops the
+/// handler, exits 0 without recording anything, and the delivery is back in
+/// the queue.
+#[test]
+fn sigterm_with_a_handler_past_the_drain_bound_gives_the_delivery_back() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(broker::unique("con-term-long"));
+    let work = tempfile::tempdir().expect("tempdir");
+    let (started, pids) = (work.path().join("started"), work.path().join("pids"));
+    let _reaper = Reaper(pids.clone());
+    let script = format!(
+        "echo $$ >> {}; touch {}; exec sleep 600",
+        sh_path(&pids),
+        sh_path(&started)
+    );
+    let mut agent = exec_agent(&url, &queue, &script)
+        .set_str("consumer", "handler_timeout", "10m")
+        .start();
+    wait_consuming(&agent, &queue);
+    let id = broker::unique("term-long");
+    rt.block_on(broker::publish_with_id(&url, "", &queue, b"", Some(&id)));
+    wait_until("the handler to start", DEADLINE, || started.exists());
+    let t = Instant::now();
+    agent.terminate();
+    let exit = agent.wait_exit(Duration::from_secs(60));
+    assert!(exit.success(), "exit status {exit}");
+    eprintln!("shutdown with a hanging handler took {:?}", t.elapsed());
+    assert_eq!(status(&agent, &id), None, "nothing recorded");
+    wait_until("the delivery back in the queue", DEADLINE, || {
+        broker::queue_counts(&queue) == Some((1, 0))
+    });
+    let pid = lines(&pids);
+    let proc_dir = PathBuf::from(format!("/proc/{}", pid[0].trim()));
+    wait_until("the handler process to be gone", DEADLINE, || {
+        !proc_dir.exists()
+    });
+}
+
+/// `queue_type = "quorum"`: the agent declares a quorum queue and consumes
+/// from it like from a classic one.
+#[test]
+fn a_quorum_queue_is_declared_and_consumed() {
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let exchange = cleanup.exchange(broker::unique("con-qq-ex"));
+    let queue = cleanup.queue(broker::unique("con-qq"));
+    let agent = consuming_agent(&url, &queue)
+        .set_str("consumer", "queue_type", "quorum")
+        .set("consumer", "bindings", binding(&exchange, "qq"))
+        .start();
+    wait_consuming(&agent, &queue);
+    let ids: Vec<String> = (0..20)
+        .map(|i| ok_id(&agent.client().submit(&exchange, "qq", json!({ "n": i }))))
+        .collect();
+    for id in &ids {
+        wait_status(&agent, id, 3);
+    }
+    wait_queue_settled(&queue);
+    assert_eq!(
+        broker::queue_info(&queue, &["type"]),
+        Some(vec!["quorum".to_string()])
+    );
+}

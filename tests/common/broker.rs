@@ -1154,9 +1154,20 @@ pub async fn declare_queue_with_args(url: &str, queue: &str, arguments: FieldTab
 }
 
 /// `(messages_ready, messages_unacknowledged)` of `queue` on the shared
-/// broker, from `rabbitmqctl list_queues` (the Debian wrapper; needs root,
-/// else `sudo -n`); `None` when there is no such queue. Blocks about 1 s.
+/// broker, from `rabbitmqctl list_queues`; `None` when there is no such
+/// queue. Blocks about 1 s.
 pub fn queue_counts(queue: &str) -> Option<(u64, u64)> {
+    let info = queue_info(queue, &["messages_ready", "messages_unacknowledged"])?;
+    Some((
+        info[0].parse().expect("messages_ready"),
+        info[1].parse().expect("messages_unacknowledged"),
+    ))
+}
+
+/// The `items` (`type`, `arguments`, `consumers`, ...) of `queue` on the
+/// shared broker, from `rabbitmqctl list_queues` (the Debian wrapper; needs
+/// root, else `sudo -n`); `None` when there is no such queue. Blocks about 1 s.
+pub fn queue_info(queue: &str, items: &[&str]) -> Option<Vec<String>> {
     use std::os::unix::fs::MetadataExt;
     let root = fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
@@ -1168,24 +1179,12 @@ pub fn queue_counts(queue: &str) -> Option<(u64, u64)> {
         c.args(["-n", "rabbitmqctl"]);
         c
     };
-    cmd.args([
-        "-q",
-        "list_queues",
-        "--no-table-headers",
-        "name",
-        "messages_ready",
-        "messages_unacknowledged",
-    ]);
+    cmd.args(["-q", "list_queues", "--no-table-headers", "name"])
+        .args(items);
     let out = run(&mut cmd, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("rabbitmqctl list_queues: {e}"));
     out.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split('\t').collect();
-        match fields.as_slice() {
-            [name, ready, unacked] if *name == queue => Some((
-                ready.trim().parse().expect("messages_ready"),
-                unacked.trim().parse().expect("messages_unacknowledged"),
-            )),
-            _ => None,
-        }
+        let mut fields = line.split('\t');
+        (fields.next() == Some(queue)).then(|| fields.map(|f| f.trim().to_owned()).collect())
     })
 }
