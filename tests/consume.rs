@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::agent::{ok_id, toml_str, Agent, AgentBuilder};
+use common::agent::{forwarding_agent, ok_id, toml_str, Agent, AgentBuilder};
 use common::broker::{self, Cleanup};
-use common::wait_until;
+use common::{rt, wait_until};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::ExchangeKind;
 use serde_json::json;
@@ -26,22 +26,9 @@ use serde_json::json;
 /// How long any single wait of these tests may take on the noisy test machine.
 const DEADLINE: Duration = Duration::from_secs(90);
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// An agent on the shared broker whose consumer reads `queue`.
 fn consuming_agent(url: &str, queue: &str) -> AgentBuilder {
-    Agent::builder()
-        .set("broker", "urls", format!("[{}]", toml_str(url)))
-        .set_str("broker", "connect_timeout", "2s")
-        .set_str("publish", "retry_interval", "200ms")
-        .set_str("publish", "resend_every", "300ms")
-        .set_str("consumer", "queue", queue)
+    forwarding_agent(url).set_str("consumer", "queue", queue)
 }
 
 /// [`consuming_agent`] with the `exec` handler running `sh -c script`.
@@ -164,12 +151,6 @@ fn wait_status(agent: &Agent, id: &str, want: i64) -> Row {
         || status(agent, id) == Some(want),
     );
     row(agent, id).expect("the row")
-}
-
-fn count_status(agent: &Agent, status: i64) -> i64 {
-    agent.db_count(&format!(
-        "SELECT COUNT(*) FROM msg_log WHERE status = {status}"
-    ))
 }
 
 /// SIGKILLs, when dropped, the handler processes whose pids a test's
@@ -513,7 +494,7 @@ fn a_foreign_message_is_handled_and_recorded_as_consumed() {
     }
     wait_queue_settled(&queue);
     assert_eq!(agent.rows(), 2);
-    assert_eq!(count_status(&agent, 3), 2);
+    assert_eq!(agent.count_status(3), 2);
 }
 
 /// A delivery without `message_id` is handled (no deduplication, no row)
@@ -578,7 +559,7 @@ fn a_prefetch_20_backlog_of_2000_is_handled_exactly_once_and_all_acked() {
         let (_, unacked) = broker::queue_counts(&queue).expect("the queue");
         max_unacked = max_unacked.max(unacked);
         assert!(unacked <= 20, "{unacked} unacked with prefetch 20");
-        count_status(&agent, 3) == N as i64
+        agent.count_status(3) == N as i64
     });
     wait_queue_settled(&queue);
     let lines = lines(&handled);
