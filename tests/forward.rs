@@ -419,34 +419,7 @@ fn a_million_row_backlog_drains_in_flat_memory() {
     let queue = broker::unique("million");
     rt.block_on(broker::declare_queue(&url, &queue));
     let mut agent = forwarding_agent(&url).prepare();
-    {
-        let mut db = rusqlite::Connection::open(&agent.db).expect("db");
-        db.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;")
-            .expect("pragmas");
-        db.execute_batch(include_str!("../schema.sql"))
-            .expect("schema");
-        db.execute_batch(&format!(
-            "PRAGMA user_version = {}",
-            edge_outbox::store::SCHEMA_VERSION
-        ))
-        .expect("version");
-        let tx = db.transaction().expect("tx");
-        {
-            let mut insert = tx
-                .prepare(
-                    "INSERT INTO msg_log (id, msg, exchange, routing_key, create_time, \
-                     update_time, content_type) VALUES (?1, ?2, '', ?3, 0, 0, 'text/plain')",
-                )
-                .expect("prepare");
-            let body = "x".repeat(512);
-            for i in 0..ROWS {
-                insert
-                    .execute(rusqlite::params![format!("m-{i}"), body, queue])
-                    .expect("insert");
-            }
-        }
-        tx.commit().expect("commit");
-    }
+    common::agent::prefill_database(&agent.db, ROWS, |i| (format!("m-{i}"), 0, queue.clone(), 0));
     agent.restart();
     let pid = agent.pid();
     let mut peak = 0;

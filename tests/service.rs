@@ -540,35 +540,10 @@ fn sighup_is_ignored_and_the_agent_keeps_serving() {
 fn purging_a_million_rows_stalls_submits_only_briefly() {
     const ROWS: i64 = 1_000_000;
     let mut agent = Agent::builder().prepare();
-    {
-        let mut db = rusqlite::Connection::open(&agent.db).expect("db");
-        db.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;")
-            .expect("pragmas");
-        db.execute_batch(include_str!("../schema.sql"))
-            .expect("schema");
-        db.execute_batch(&format!(
-            "PRAGMA user_version = {}",
-            edge_outbox::store::SCHEMA_VERSION
-        ))
-        .expect("version");
-        let old = edge_outbox::store::now_ms() - 40 * 86_400_000;
-        let tx = db.transaction().expect("tx");
-        {
-            let mut insert = tx
-                .prepare(
-                    "INSERT INTO msg_log (id, msg, status, create_time, update_time) \
-                     VALUES (?1, ?2, 1, ?3, ?3)",
-                )
-                .expect("prepare");
-            let body = "x".repeat(512);
-            for i in 0..ROWS {
-                insert
-                    .execute(rusqlite::params![format!("old-{i}"), body, old])
-                    .expect("insert");
-            }
-        }
-        tx.commit().expect("commit");
-    }
+    let old = edge_outbox::store::now_ms() - 40 * 86_400_000;
+    common::agent::prefill_database(&agent.db, ROWS, |i| {
+        (format!("old-{i}"), 1, String::new(), old)
+    });
     agent.restart();
     let mut purge = Command::new(common::agent::BIN)
         .args(["purge", "-c"])

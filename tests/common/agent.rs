@@ -32,6 +32,46 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// A broker address nothing listens on.
 pub const DEAD_BROKER: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
 
+/// Fills the (new) database at `path` with `rows` rows of 512-byte bodies in
+/// one transaction, as the agent would have stored them: `row(i)` gives
+/// each row's id, status, routing key and create_time. For backlog tests
+/// that would take too long to submit.
+pub fn prefill_database(path: &Path, rows: i64, row: impl Fn(i64) -> (String, i64, String, i64)) {
+    let mut db = rusqlite::Connection::open(path).expect("creating the database");
+    db.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL;")
+        .expect("pragmas");
+    db.execute_batch(include_str!("../../schema.sql"))
+        .expect("schema");
+    db.execute_batch(&format!(
+        "PRAGMA user_version = {}",
+        edge_outbox::store::SCHEMA_VERSION
+    ))
+    .expect("version");
+    let tx = db.transaction().expect("transaction");
+    {
+        let mut insert = tx
+            .prepare(
+                "INSERT INTO msg_log (id, msg, exchange, routing_key, status, create_time, \
+                 update_time, content_type) VALUES (?1, ?2, '', ?3, ?4, ?5, ?5, 'text/plain')",
+            )
+            .expect("prepare");
+        let body = "x".repeat(512);
+        for i in 0..rows {
+            let (id, status, routing_key, create_time) = row(i);
+            insert
+                .execute(rusqlite::params![
+                    id,
+                    body,
+                    routing_key,
+                    status,
+                    create_time
+                ])
+                .expect("insert");
+        }
+    }
+    tx.commit().expect("commit");
+}
+
 /// An agent forwarding to the broker at `url`, with fast retry timings.
 pub fn forwarding_agent(url: &str) -> AgentBuilder {
     Agent::builder()
