@@ -1403,9 +1403,14 @@ impl Admin {
         Ok(deleted)
     }
 
-    /// Hands one step of freed pages back to the filesystem.
+    /// Hands one step of freed pages back to the filesystem, and
+    /// checkpoints the WAL this connection wrote, so that the agent's next
+    /// commit does not pay for it.
     pub fn reclaim(&mut self) -> Result<(), StoreError> {
-        reclaim(&self.conn)
+        reclaim(&self.conn)?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
     }
 
     /// Moves every failed row back to delivering. Returns how many.
