@@ -272,9 +272,14 @@ async fn run_exec(argv: &[String], timeout: Duration, message: &Message) -> Resu
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        // Its own process group, so a timeout kills what it started too.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start {program}: {e}"))?;
+    let group = child
+        .id()
+        .and_then(|pid| rustix::process::Pid::from_raw(pid as i32));
     let stdin = child.stdin.take();
     let body = message.body.clone();
     // Feed stdin and drain stderr concurrently: a handler that writes a lot
@@ -343,6 +348,9 @@ async fn run_exec(argv: &[String], timeout: Duration, message: &Message) -> Resu
         }
         Ok((_, Err(e))) => Err(format!("waiting for {program}: {e}")),
         Err(_) => {
+            if let Some(group) = group {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
             let _ = child.kill().await;
             Err(format!(
                 "handler {program} killed after consumer.handler_timeout ({})",

@@ -686,13 +686,10 @@ fn copies_of_one_message_id_in_flight_together_run_the_handler_once() {
     assert_eq!(status(&agent, &id), Some(3));
 }
 
-/// Known bug (SPEC: the handler is "killed after consumer.handler_timeout"):
-/// only the handler's own process is killed, not what it started. A handler
-/// script whose command is not `exec`ed leaves that command running.
-/// Needs the handler in a process group of its own, killed as a group
-/// (`process_group(0)` and `killpg`, i.e. rustix's "process" feature or libc).
+/// A handler killed at `consumer.handler_timeout` takes what it started with
+/// it (a script whose command is not `exec`ed): it runs in a process group
+/// of its own, killed as a group.
 #[test]
-#[ignore = "known bug: a timed-out handler's children outlive it"]
 fn a_timed_out_handler_leaves_no_process_behind() {
     let rt = rt();
     let url = broker::default_url();
