@@ -19,20 +19,21 @@
 //! prefetch of both (default 100), `BENCH_SYNCHRONOUS` the agent's
 //! `store.synchronous` (default "full", the agent's default).
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{connect, delete_queue, BODY, URL};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Confirmation};
 
-const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const BODY: usize = 512;
 /// Outstanding confirms of the pre-fill publisher.
 const WINDOW: usize = 1024;
 
@@ -95,21 +96,6 @@ fn main() {
         "ratio agent/plain: {:.2} (target >= 0.50)",
         agent_rate / plain_rate
     );
-}
-
-async fn connect() -> Connection {
-    Connection::connect(URL, ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ on 127.0.0.1:5672 (run scripts/test-setup)")
-}
-
-async fn delete_queue(queue: &str) {
-    let conn = connect().await;
-    let channel = conn.create_channel().await.expect("channel");
-    let _ = channel
-        .queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await;
-    let _ = conn.close(200, "".into()).await;
 }
 
 /// Declares `queue` (durable classic) and fills it with `messages` persistent

@@ -11,19 +11,17 @@
 //! Run with `scripts/bench-forward` (or `cargo bench --bench forward`);
 //! `BENCH_MESSAGES` sets the message count (default 100000).
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{connect, declare_queue, delete_queue, BODY, URL};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Confirmation};
 
-const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const WINDOW: usize = 256;
-const BODY: usize = 512;
 
 fn main() {
     let messages: usize = std::env::var("BENCH_MESSAGES")
@@ -50,38 +48,6 @@ fn main() {
         "ratio agent/plain: {:.2} (target >= 0.70)",
         agent_rate / plain_rate
     );
-}
-
-async fn connect() -> Connection {
-    Connection::connect(URL, ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ on 127.0.0.1:5672 (run scripts/test-setup)")
-}
-
-async fn declare_queue(queue: &str) {
-    let conn = connect().await;
-    let channel = conn.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue_declare");
-    let _ = conn.close(200, "".into()).await;
-}
-
-async fn delete_queue(queue: &str) {
-    let conn = connect().await;
-    let channel = conn.create_channel().await.expect("channel");
-    let _ = channel
-        .queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await;
-    let _ = conn.close(200, "".into()).await;
 }
 
 async fn plain_publisher(queue: &str, messages: usize) -> f64 {
