@@ -25,11 +25,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{connect, delete_queue, BODY, URL};
+use common::{connect, declare_queue, delete_queue, BODY, URL};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
@@ -101,19 +101,9 @@ fn main() {
 /// Declares `queue` (durable classic) and fills it with `messages` persistent
 /// 512-byte messages with ids `{prefix}-{i}`, pipelining confirms.
 async fn prefill(queue: &str, prefix: &str, messages: usize) {
+    declare_queue(queue).await;
     let conn = connect().await;
     let channel = conn.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue_declare");
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await

@@ -772,39 +772,7 @@ pub async fn declare_exchange_with_queue(
     queue: &str,
     routing_key: &str,
 ) {
-    let (x, q, rk) = (
-        exchange.to_owned(),
-        queue.to_owned(),
-        routing_key.to_owned(),
-    );
-    let what = format!("declare exchange {exchange} -> queue {queue} ({routing_key})");
-    with_channel(url, &what, |ch| async move {
-        ch.exchange_declare(
-            x.clone().into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-        ch.queue_declare(
-            q.clone().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await?;
-        ch.queue_bind(
-            q.into(),
-            x.into(),
-            rk.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-    })
-    .await
+    declare_bound_queue(url, exchange, ExchangeKind::Direct, queue, routing_key).await
 }
 
 /// Number of ready messages in `queue` (passive declare; panics if it does not exist).
