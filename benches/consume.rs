@@ -25,14 +25,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{connect, declare_queue, delete_queue, BODY, URL};
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
+use common::{connect, delete_queue, publish_confirmed, BODY, URL};
+use futures_util::stream::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation};
 
 /// Outstanding confirms of the pre-fill publisher.
 const WINDOW: usize = 1024;
@@ -101,45 +97,7 @@ fn main() {
 /// Declares `queue` (durable classic) and fills it with `messages` persistent
 /// 512-byte messages with ids `{prefix}-{i}`, pipelining confirms.
 async fn prefill(queue: &str, prefix: &str, messages: usize) {
-    declare_queue(queue).await;
-    let conn = connect().await;
-    let channel = conn.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm_select");
-    let body = vec![b'x'; BODY];
-    let mut confirms = FuturesUnordered::new();
-    for i in 0..messages {
-        if confirms.len() >= WINDOW {
-            let confirm: lapin::Result<Confirmation> = confirms.next().await.expect("confirm");
-            assert!(
-                matches!(confirm, Ok(Confirmation::Ack(None))),
-                "{confirm:?}"
-            );
-        }
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_message_id(format!("{prefix}-{i}").into());
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                &body,
-                properties,
-            )
-            .await
-            .expect("publish");
-        confirms.push(confirm);
-    }
-    while let Some(confirm) = confirms.next().await {
-        assert!(
-            matches!(confirm, Ok(Confirmation::Ack(None))),
-            "{confirm:?}"
-        );
-    }
-    let _ = conn.close(200, "".into()).await;
+    publish_confirmed(queue, prefix, messages, WINDOW).await;
 }
 
 /// Consumes `messages` from `queue` with manual acks; returns messages/s,

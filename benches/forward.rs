@@ -16,10 +16,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{connect, declare_queue, delete_queue, BODY, URL};
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Confirmation};
+use common::{declare_queue, delete_queue, publish_confirmed, BODY, URL};
 
 const WINDOW: usize = 256;
 
@@ -51,45 +48,8 @@ fn main() {
 }
 
 async fn plain_publisher(queue: &str, messages: usize) -> f64 {
-    declare_queue(queue).await;
-    let conn = connect().await;
-    let channel = conn.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm_select");
-    let body = vec![b'x'; BODY];
-    let mut confirms = FuturesUnordered::new();
-    let start = Instant::now();
-    for i in 0..messages {
-        if confirms.len() >= WINDOW {
-            let confirm: lapin::Result<Confirmation> = confirms.next().await.expect("confirm");
-            assert!(matches!(confirm, Ok(Confirmation::Ack(None))));
-        }
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_message_id(format!("plain-{i}").into());
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &body,
-                properties,
-            )
-            .await
-            .expect("publish");
-        confirms.push(confirm);
-    }
-    while let Some(confirm) = confirms.next().await {
-        assert!(matches!(confirm, Ok(Confirmation::Ack(None))));
-    }
-    let rate = messages as f64 / start.elapsed().as_secs_f64();
-    let _ = conn.close(200, "".into()).await;
-    rate
+    let elapsed = publish_confirmed(queue, "plain", messages, WINDOW).await;
+    messages as f64 / elapsed.as_secs_f64()
 }
 
 fn agent_drain(queue: &str, messages: usize) -> f64 {
