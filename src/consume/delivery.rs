@@ -1,9 +1,10 @@
-//! Delivery: one delivery from arrival to ack (docs/consuming.md, "Per
-//! delivery").
+//! Delivery: one delivery from arrival to ack, the I/O around `decision`
+//! (docs/consuming.md, "Per delivery").
 //!
 //! Owns the steps that touch the world: waiting for the message id's turn,
 //! reading the row's status, running the handler, committing its result,
-//! telling the broker, and the metrics and logs of each outcome.
+//! telling the broker, and the metrics and logs of each outcome. What to do
+//! at each step is `decision`'s answer.
 //!
 //! Invariants:
 //! - The ack (or nack, or reject) is sent only after the store has
@@ -19,24 +20,15 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::Acker;
 
+use super::decision::{self, Arrival, Settle};
 use super::handler::Handler;
 use super::in_flight::InFlight;
 use super::message::Message;
 use crate::metrics::Metrics;
-use crate::store::{ConsumeVerdict, Consumption, Status, Store, StoreError};
+use crate::store::{ConsumeVerdict, Status, Store, StoreError};
 
 /// After a store error, how long a delivery waits before going back to the queue.
 const STORE_ERROR_PAUSE: Duration = Duration::from_secs(1);
-/// `last_error` keeps at most this many bytes of a handler's failure.
-const ERROR_KEEP: usize = 1024;
-
-/// What to tell the broker about a delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Settle {
-    Ack,
-    Requeue,
-    Reject,
-}
 
 /// One delivery, start to ack. `Err` means the store failed; the delivery
 /// has been sent back to the queue.
@@ -59,7 +51,7 @@ pub(crate) async fn handle(
         Ok(settle) => settle,
         Err(e) => {
             tokio::time::sleep(STORE_ERROR_PAUSE).await;
-            let _ = tell(&delivery.acker, Settle::Requeue).await;
+            let _ = tell(&delivery.acker, decision::on_store_error()).await;
             return Err(e);
         }
     };
@@ -100,66 +92,54 @@ async fn process(
 ) -> Result<Settle, StoreError> {
     metrics.deliveries.inc();
     let Some(id) = message.id.as_deref() else {
-        tracing::warn!(exchange = %message.exchange, routing_key = %message.routing_key,
-            "delivery without message_id: handled without deduplication");
-        return Ok(match handler.run(message).await {
-            Ok(()) => Settle::Ack,
-            Err(error) if message.redelivered || max_attempts <= 1 => {
-                metrics.handler_failures.inc();
-                metrics.dead_lettered.inc();
-                tracing::warn!(error = %error, "handler failed again; rejecting the delivery");
-                Settle::Reject
-            }
-            Err(error) => {
-                metrics.handler_failures.inc();
-                tracing::warn!(error = %error, "handler failed; requeueing the delivery");
-                Settle::Requeue
-            }
-        });
+        return Ok(process_without_id(handler, max_attempts, message, metrics).await);
     };
-    if status_of(store, id).await? == Some(Status::Consumed) {
+    if decision::on_arrival(status_of(store, id).await?) == Arrival::Duplicate {
         metrics.duplicates.inc();
         tracing::info!(message_id = %id, "duplicate delivery of a consumed message: acked, not run again");
         return Ok(Settle::Ack);
     }
-    let consumption = match handler.run(message).await {
-        Ok(()) => Consumption::Succeeded(message.delivered(id)),
-        Err(error) => {
-            metrics.handler_failures.inc();
-            tracing::warn!(message_id = %id, error = %error, "handler failed");
-            Consumption::Failed {
-                delivery: message.delivered(id),
-                error: truncate(&error, ERROR_KEEP),
-                max_attempts,
-            }
-        }
-    };
-    Ok(match store.record_consumption(consumption).await? {
-        ConsumeVerdict::Ack => {
-            tracing::debug!(message_id = %id, "consumed");
-            Settle::Ack
-        }
+    let handled = handler.run(message).await;
+    if let Err(error) = &handled {
+        metrics.handler_failures.inc();
+        tracing::warn!(message_id = %id, error = %error, "handler failed");
+    }
+    let consumption = decision::to_commit(message.delivered(id), handled, max_attempts);
+    let verdict = store.record_consumption(consumption).await?;
+    match verdict {
+        ConsumeVerdict::Ack => tracing::debug!(message_id = %id, "consumed"),
         ConsumeVerdict::Requeue { attempts } => {
             tracing::info!(message_id = %id, attempts, "requeued for another attempt");
-            Settle::Requeue
         }
         ConsumeVerdict::GiveUp { attempts } => {
             metrics.dead_lettered.inc();
             tracing::warn!(message_id = %id, attempts, "giving up on the message: rejected, marked failed");
-            Settle::Reject
         }
-    })
+    }
+    Ok(decision::on_commit(verdict))
 }
 
-fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
+/// A delivery without `message_id`: run, and settle on the result alone.
+async fn process_without_id(
+    handler: &Handler,
+    max_attempts: u32,
+    message: &Message,
+    metrics: &Metrics,
+) -> Settle {
+    tracing::warn!(exchange = %message.exchange, routing_key = %message.routing_key,
+        "delivery without message_id: handled without deduplication");
+    let handled = handler.run(message).await;
+    let settle = decision::without_id(&handled, message.redelivered, max_attempts);
+    if let Err(error) = &handled {
+        metrics.handler_failures.inc();
+        if settle == Settle::Reject {
+            metrics.dead_lettered.inc();
+            tracing::warn!(error = %error, "handler failed again; rejecting the delivery");
+        } else {
+            tracing::warn!(error = %error, "handler failed; requeueing the delivery");
+        }
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    settle
 }
 
 /// The status of `id`'s row, read off the async runtime.
@@ -235,13 +215,6 @@ mod tests {
         let again = process(&store, &failing(), 2, &m, &metrics).await.unwrap();
         assert_eq!(again, Settle::Ack);
         store.close().await;
-    }
-
-    #[test]
-    fn long_errors_are_truncated_on_a_char_boundary() {
-        let text = "é".repeat(1000);
-        let t = truncate(&text, 1023);
-        assert!(t.len() <= 1023 + "…".len());
     }
 
     #[tokio::test]

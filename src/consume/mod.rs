@@ -42,13 +42,15 @@
 //!   delivery loop, the shutdown drain;
 //! - `topology`: the exchanges, queue, bindings, dead-letter exchange and
 //!   prefetch it declares;
-//! - `delivery`: one delivery from arrival to ack;
+//! - `delivery`: one delivery from arrival to ack, the I/O around `decision`;
+//! - `decision`: what to do with a delivery, pure (no I/O);
 //! - `in_flight`: one handler run at a time per `message_id`;
 //! - `handler`: the effect of a message (`record`, `exec`);
 //! - `message`: what the consumer keeps of a delivery;
 //! - `headers`: AMQP headers as the JSON `msg_log.headers` holds.
 
 mod consumer;
+mod decision;
 mod delivery;
 mod handler;
 mod headers;
