@@ -1,5 +1,5 @@
 //! Consumer: the consumer task and its link to the broker
-//! (docs/consuming.md).
+//! (docs/consuming.md, Connection).
 //!
 //! Owns its own AMQP connection (never the forwarder's, so a slow handler
 //! cannot hold up publishing), the channel and the `basic.consume`
@@ -14,11 +14,12 @@
 //! Invariants:
 //! - A declaration the broker refuses (406) is retried after
 //!   [`DECLARE_RETRY`], not on the backoff: the fix is an operator's
-//!   (docs/consuming.md, "Topology").
+//!   (docs/consuming.md, Topology).
 //! - On shutdown the subscription is cancelled first, so no new delivery is
 //!   taken; running handlers get `min(consumer.handler_timeout,
 //!   SHUTDOWN_HANDLER_WAIT)`; what is still unacked when the connection
-//!   closes goes back to the queue (docs/consuming.md, "Shutdown").
+//!   closes goes back to the queue (docs/consuming.md, Connection loss
+//!   and shutdown).
 //! - On a lost connection running handlers finish (bounded) before the
 //!   next connection; their acks fail harmlessly and redelivery plus
 //!   dedupe covers them.

@@ -1,7 +1,8 @@
 //! Decision: what to do with a delivery, given what the store says about
 //! its row, the delivery's facts and the handler's result
-//! (docs/consuming.md, "Per delivery"). Pure: no I/O, no clock, no logs;
-//! `delivery.rs` asks it at each step and does what it says.
+//! (docs/consuming.md, The decision on a delivery; Deliveries without
+//! `message_id`). Pure: no I/O, no clock, no logs; `delivery.rs` asks it at
+//! each step and does what it says.
 //!
 //! | known | then |
 //! |---|---|

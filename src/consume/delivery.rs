@@ -1,5 +1,5 @@
 //! Delivery: one delivery from arrival to ack, the I/O around `decision`
-//! (docs/consuming.md, "Per delivery").
+//! (docs/consuming.md, The decision on a delivery).
 //!
 //! Owns the steps that touch the world: waiting for the message id's turn,
 //! reading the row's status, running the handler, committing its result,

@@ -1,4 +1,4 @@
-//! Handler: the effect of one message (docs/consuming.md, "Handlers").
+//! Handler: the effect of one message (docs/consuming.md, Handlers).
 //!
 //! Owns the handler processes: `record` runs nothing (the commit of status
 //! 3 is the effect: end-to-end proof of arrival); `exec` runs

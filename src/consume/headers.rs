@@ -1,5 +1,5 @@
 //! Headers: a delivery's AMQP headers as the JSON object `msg_log.headers`
-//! holds (docs/storage.md, the `headers` column).
+//! holds (docs/storage.md, Schema: `headers`).
 //!
 //! Owns only the decoding, in its own file so that a codec shared with the
 //! forwarder can replace it with a one-line change in `message.rs`.

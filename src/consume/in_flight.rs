@@ -4,7 +4,7 @@
 //! delivered together (a redelivery racing the original, a publisher that
 //! sent it twice) take their turns on it one at a time, so the handler runs
 //! once: the later copy then finds status 3 and is acked as a duplicate
-//! (docs/consuming.md, "Per delivery").
+//! (docs/consuming.md, The decision on a delivery).
 //!
 //! Invariants:
 //! - At most one [`Turn`] per id exists at a time.

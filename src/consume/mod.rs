@@ -8,12 +8,13 @@
 //! forwarder's, so a slow handler never holds up publishing), the running
 //! handlers, the handler processes.
 //!
-//! Per delivery, keyed by its `message_id` (docs/consuming.md, "Per
-//! delivery"):
+//! Per delivery, keyed by its `message_id` (docs/consuming.md, The decision
+//! on a delivery):
 //! 1. the row is status 3 (consumed) already → ack, log a duplicate, run
 //!    nothing;
 //! 2. else run the handler; on success commit status 3 (inserting the row for
-//!    a message this agent did not publish) and only then ack;
+//!    a message this agent did not publish; a failed row stays failed) and
+//!    only then ack;
 //! 3. on failure count the attempt in the row (`consume_count`: a restart
 //!    does not reset it); below `consumer.max_attempts` → nack with requeue;
 //!    at it → reject without requeue (dead-lettered when
@@ -21,7 +22,8 @@
 //!    (failed).
 //!
 //! A delivery without `message_id` runs without deduplication; the
-//! broker's `redelivered` flag stands in for the attempt count.
+//! broker's `redelivered` flag stands in for the attempt count
+//! (docs/consuming.md, Deliveries without `message_id`).
 //!
 //! Invariants:
 //! - The ack follows the commit. An ack lost on a dead channel is harmless:
@@ -32,10 +34,11 @@
 //!   the delivery goes back to the queue after a pause.
 //! - A declaration the broker refuses (406: the queue exists with other
 //!   arguments) is reported and retried slowly, never in a hot loop
-//!   (docs/consuming.md, "Topology").
+//!   (docs/consuming.md, Topology).
 //! - On shutdown no new delivery is taken; running handlers get until the
 //!   drain bound; unacked deliveries go back to the queue when the channel
-//!   closes (docs/consuming.md, "Shutdown").
+//!   closes. A lost connection lets running handlers finish (bounded), then
+//!   reconnects (docs/consuming.md, Connection loss and shutdown).
 //!
 //! Files, by role:
 //! - `consumer`: the task: its link to the broker (down, up, stopped), the

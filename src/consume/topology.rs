@@ -1,5 +1,5 @@
 //! Topology: what the consumer declares before it consumes
-//! (docs/consuming.md, "Topology").
+//! (docs/consuming.md, Topology).
 //!
 //! Owns the declarations made from `[consumer]`: the dead-letter exchange
 //! (a durable fanout) when `consumer.dead_letter_exchange` is set, the
