@@ -23,6 +23,7 @@
 //! the unit tests below pin them.
 
 use serde::de::{self, DeserializeOwned};
+use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
@@ -87,6 +88,29 @@ pub(crate) enum Payload {
     /// `payload_base64`: bytes that need not be text.
     #[serde(rename = "payload_base64")]
     Base64(String),
+}
+
+impl Serialize for Request {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            // `op` left out: "submit" is the default.
+            Request::Submit(submit) => submit.serialize(serializer),
+            Request::Status => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry("op", "status")?;
+                map.end()
+            }
+        }
+    }
+}
+
+impl Request {
+    /// The request as one line, `\n`-terminated.
+    pub(crate) fn to_line(&self) -> serde_json::Result<Vec<u8>> {
+        let mut line = serde_json::to_vec(self)?;
+        line.push(b'\n');
+        Ok(line)
+    }
 }
 
 /// The error codes of the protocol (docs/protocol.md, "Error codes").
@@ -354,5 +378,23 @@ mod tests {
             assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
         }
         assert!(serde_json::from_str::<ErrorCode>("\"nope\"").is_err());
+    }
+
+    #[test]
+    fn requests_are_written_as_the_cli_always_wrote_them() {
+        let status = Request::Status.to_line().unwrap();
+        assert_eq!(text(status), "{\"op\":\"status\"}\n");
+        let submit = Request::Submit(SubmitRequest {
+            content_type: None,
+            exchange: "e".into(),
+            headers: None,
+            id: Some("c1".into()),
+            payload: Payload::Base64("AA==".into()),
+            routing_key: "k".into(),
+        });
+        assert_eq!(
+            text(submit.to_line().unwrap()),
+            "{\"exchange\":\"e\",\"id\":\"c1\",\"payload_base64\":\"AA==\",\"routing_key\":\"k\"}\n"
+        );
     }
 }
