@@ -115,11 +115,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let status_source: StatusSource = {
         let reader = store.reader().clone();
         let broker = broker.clone();
-        Arc::new(move || {
-            StatusReport::collect(&reader, Some(&broker))
-                .map_err(|e| e.to_string())
-                .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string()))
-        })
+        Arc::new(move || StatusReport::collect(&reader, Some(&broker)).map_err(|e| e.to_string()))
     };
     let server = SubmitServer::new(
         socket,

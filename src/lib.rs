@@ -9,6 +9,7 @@
 //! Layout, one module per concept:
 //! - [`config`]: the typed, validated configuration (file, environment, defaults);
 //! - [`store`]: `msg_log`: all SQL, the group-commit writer, the reader pool;
+//! - [`protocol`]: the socket protocol's requests and answers, shared by `submit` and `cli`;
 //! - [`submit`]: the Unix-socket protocol server;
 //! - [`broker`]: reaching RabbitMQ: targets, connection attempts, backoff;
 //! - [`metrics`]: Prometheus counters and gauges, served at `/metrics`;
@@ -27,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod metrics;
+pub(crate) mod protocol;
 pub mod publish;
 pub mod purge;
 pub mod resend;

@@ -1,0 +1,137 @@
+//! Commands: what each subcommand but `submit` does (docs/cli.md).
+//!
+//! Role: run the agent (`run`), show the configuration (`check-config`),
+//! report status (from the agent, else from the database), read rows
+//! (`list`, `show`), and the two admin writes (`retry`, `purge`).
+//!
+//! Invariants: each returns the exit code the command documents; the
+//! database commands open their own connections (safe beside a running
+//! agent); a refusal by the agent never fails `status`.
+
+use std::process::ExitCode;
+
+use serde_json::Value;
+
+use super::report::{print_row, print_status, print_table, row_json};
+use super::{client, runtime, EXIT_CONFIG};
+use crate::config::{self, Config};
+use crate::status::StatusReport;
+use crate::store::{Admin, Reader, Status};
+
+/// `run`: the agent in the foreground until a signal.
+pub(super) fn run(config: Config) -> anyhow::Result<ExitCode> {
+    crate::app::init_logging(&config.log);
+    match runtime()?.block_on(crate::app::run(config)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // A password or TLS file that cannot be read is a
+        // configuration problem: exit 78, so systemd does not loop.
+        Err(crate::app::AppError::Broker(e)) => {
+            eprintln!("edge-outbox: bad configuration: {e}");
+            Ok(ExitCode::from(EXIT_CONFIG))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `check-config`: the effective configuration, passwords redacted.
+pub(super) fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
+    out!("configuration OK");
+    out!("{}", effective_config(config)?.trim_end());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn effective_config(config: &Config) -> anyhow::Result<String> {
+    let mut shown = config.clone();
+    shown.broker.urls = shown
+        .broker
+        .urls
+        .iter()
+        .map(|u| config::redact_url(u))
+        .collect();
+    Ok(toml::to_string(&shown)?)
+}
+
+/// `status`: the agent's report, or the database's when no agent answers.
+pub(super) fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let report = match client::ask_status(&config.submit.socket)? {
+        Some(report) => report,
+        None => StatusReport::collect(&Reader::open(&config.store.path)?, None)?,
+    };
+    if json {
+        out!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_status(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `list`: rows newest first, optionally of one status.
+pub(super) fn list(
+    config: &Config,
+    status: Option<&str>,
+    limit: u64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let status = status.and_then(Status::from_name);
+    let rows = Reader::open(&config.store.path)?.list(status, limit)?;
+    if json {
+        let rows: Vec<Value> = rows.iter().map(|r| row_json(r, false)).collect();
+        out!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print_table(&rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `show`: one row with its body; exit 1 when there is none.
+pub(super) fn show(config: &Config, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let Some(row) = Reader::open(&config.store.path)?.get(id)? else {
+        eprintln!("edge-outbox: no message with id {id:?}");
+        return Ok(ExitCode::FAILURE);
+    };
+    if json {
+        out!("{}", serde_json::to_string_pretty(&row_json(&row, true))?);
+    } else {
+        print_row(&row);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `purge`: deletes (or counts, with `--dry-run`) what the retention allows.
+pub(super) fn purge(config: &Config, dry_run: bool) -> anyhow::Result<ExitCode> {
+    let report = crate::purge::purge_database(&config.store.path, &config.purge, dry_run)?;
+    let d = report.deleted;
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    out!(
+        "{verb} {} row(s): {} delivered, {} consumed (older than {}), {} failed (older than {})",
+        d.total(),
+        d.delivered,
+        d.consumed,
+        config::format_duration(config.purge.retention),
+        d.failed,
+        config::format_duration(config.purge.failed_retention),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `retry`: failed rows back to delivering; exit 1 when an id was not a
+/// failed row.
+pub(super) fn retry(config: &Config, ids: &[String], failed: bool) -> anyhow::Result<ExitCode> {
+    let mut admin = Admin::open(&config.store.path)?;
+    if failed {
+        let n = admin.retry_failed()?;
+        out!("{n} failed message(s) moved back to delivering");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let skipped = admin.retry(ids)?;
+    let moved = ids.len() - skipped.len();
+    out!("{moved} message(s) moved back to delivering");
+    for id in &skipped {
+        eprintln!("edge-outbox: {id}: not a failed message (missing, or in another status)");
+    }
+    Ok(if skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

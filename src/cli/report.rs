@@ -1,0 +1,161 @@
+//! Report: how the CLI prints the status report and `msg_log` rows.
+//!
+//! Owns the human formats (`status`, `list`, `show`) and the JSON shape of
+//! a row in `list --json` / `show --json` (the row's fields plus
+//! `status_code`, and the body as text or base64).
+//!
+//! Invariant: times print as RFC 3339 seconds, a missing one as `-`; a body
+//! that is not text prints as base64, never as lossy bytes.
+
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+use crate::status::StatusReport;
+use crate::store::Row;
+
+fn format_time(ms: Option<i64>) -> String {
+    match ms.and_then(|ms| u64::try_from(ms).ok()) {
+        Some(ms) => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string()
+        }
+        None => "-".into(),
+    }
+}
+
+fn format_age(ms: i64) -> String {
+    let secs = u64::try_from(ms / 1000).unwrap_or(0);
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+pub(super) fn print_status(r: &StatusReport) {
+    let source = if r.source == "agent" {
+        "agent running"
+    } else {
+        "agent not running: read from the database"
+    };
+    out!("edge-outbox {} ({source})", r.version);
+    let c = &r.counts;
+    out!(
+        "messages:  {} delivering, {} delivered, {} failed, {} consumed",
+        c.delivering,
+        c.delivered,
+        c.failed,
+        c.consumed
+    );
+    match r.oldest_pending_age_ms {
+        Some(age) => out!("oldest undelivered: {} old", format_age(age)),
+        None => out!("oldest undelivered: none waiting"),
+    }
+    match &r.broker {
+        Some(b) if b.connected => out!(
+            "broker:    connected to {} since {}, {} in flight{}",
+            b.url.as_deref().unwrap_or("?"),
+            format_time(b.since),
+            b.in_flight,
+            if b.blocked {
+                " (blocked by the broker)"
+            } else {
+                ""
+            }
+        ),
+        Some(b) => out!(
+            "broker:    not connected{}{}",
+            b.since
+                .map(|t| format!(" since {}", format_time(Some(t))))
+                .unwrap_or_default(),
+            b.last_error
+                .as_deref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        ),
+        None => out!("broker:    unknown (agent not running)"),
+    }
+    out!(
+        "database:  {} ({}{})",
+        r.db_path,
+        bytesize::ByteSize(r.db_size_bytes),
+        r.free_disk_bytes
+            .map(|f| format!(", {} free on its filesystem", bytesize::ByteSize(f)))
+            .unwrap_or_default()
+    );
+}
+
+/// A row for `--json` output (not a protocol answer: built here, for
+/// scripts reading the CLI).
+pub(super) fn row_json(row: &Row, with_body: bool) -> Value {
+    let mut v = serde_json::to_value(row).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut v {
+        map.insert("status_code".into(), json!(row.status as i64));
+        if with_body {
+            if row.body_is_text {
+                map.insert(
+                    "body".into(),
+                    Value::String(String::from_utf8_lossy(&row.body).into_owned()),
+                );
+            } else {
+                map.insert(
+                    "body_base64".into(),
+                    Value::String(base64::engine::general_purpose::STANDARD.encode(&row.body)),
+                );
+            }
+        }
+    }
+    v
+}
+
+pub(super) fn print_table(rows: &[Row]) {
+    out!(
+        "{:<38} {:<10} {:>5}  {:<20} {:<20} {:<20} LAST ERROR",
+        "ID",
+        "STATUS",
+        "TRIES",
+        "EXCHANGE",
+        "ROUTING KEY",
+        "CREATED"
+    );
+    for r in rows {
+        out!(
+            "{:<38} {:<10} {:>5}  {:<20} {:<20} {:<20} {}",
+            r.id,
+            r.status.name(),
+            r.try_count,
+            r.exchange,
+            r.routing_key,
+            format_time(r.create_time),
+            r.last_error.as_deref().unwrap_or("")
+        );
+    }
+}
+
+pub(super) fn print_row(r: &Row) {
+    out!("id:            {}", r.id);
+    out!("status:        {} ({})", r.status.name(), r.status as i64);
+    out!("exchange:      {:?}", r.exchange);
+    out!("routing key:   {:?}", r.routing_key);
+    out!("tries failed:  {}", r.try_count);
+    out!("created:       {}", format_time(r.create_time));
+    out!("updated:       {}", format_time(r.update_time));
+    out!("next try:      {}", format_time(r.next_try_time));
+    out!(
+        "content type:  {}",
+        r.content_type.as_deref().unwrap_or("-")
+    );
+    out!("headers:       {}", r.headers.as_deref().unwrap_or("-"));
+    out!("last error:    {}", r.last_error.as_deref().unwrap_or("-"));
+    if r.body_is_text {
+        out!(
+            "body ({} bytes):\n{}",
+            r.body.len(),
+            String::from_utf8_lossy(&r.body)
+        );
+    } else {
+        out!(
+            "body ({} bytes, base64):\n{}",
+            r.body.len(),
+            base64::engine::general_purpose::STANDARD.encode(&r.body)
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! Connection: serving one client of the submit socket.
+//!
+//! Role: admit the client (a free connection slot, then its peer
+//! credentials against `submit.allowed_uids` / `submit.allowed_gids`), read
+//! its request lines, hand each submit to the store at once, and write the
+//! answers back in request order.
+//!
+//! Owns the two tasks of a connection: the *reader* (this task) parses lines
+//! and queues a [`PendingAnswer`] per request; the *writer* resolves them in
+//! order and writes them, flushing whenever the queue runs dry.
+//!
+//! Invariants:
+//! - `ok` is written only after the store reported the row committed; the
+//!   answers leave in the order the requests came.
+//! - The queue holds at most [`PIPELINE_DEPTH`] answers: a client that never
+//!   reads stops being read. A client that sends no line, or reads no
+//!   answer, for `submit.idle_timeout` is dropped.
+//! - A refused admission answers once and closes; a refused request leaves
+//!   the connection usable.
+//! - After shutdown, lines already read are answered; later ones get
+//!   `shutting_down` until the client is quiet for [`DRAIN_GRACE`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+use super::lines::{Line, LineReader};
+use super::parse::{new_message, parse_request};
+use super::Shared;
+use crate::config::SubmitConfig;
+use crate::protocol::{Accepted, Answer, ErrorCode, Refusal, Request, StatusAnswer, SubmitAnswer};
+use crate::store::{PendingInsert, StoreError};
+
+/// Answers queued per connection before the reader waits for the writer.
+const PIPELINE_DEPTH: usize = 4096;
+/// After shutdown, how long a connection keeps answering `shutting_down`
+/// while its client stays quiet, before it is closed.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+impl From<&StoreError> for Refusal {
+    fn from(e: &StoreError) -> Self {
+        let code = match e {
+            StoreError::BufferFull { .. } => ErrorCode::BufferFull,
+            StoreError::StorageFull(_) => ErrorCode::StorageFull,
+            StoreError::Closed => ErrorCode::ShuttingDown,
+            _ => ErrorCode::StorageError,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+impl Shared {
+    /// The answer line for a submit, counted in the metrics.
+    fn answer(&self, answer: &SubmitAnswer) -> Vec<u8> {
+        match answer {
+            Answer::Ok(accepted) if accepted.duplicate => {
+                self.metrics.submits_duplicate.inc();
+            }
+            Answer::Ok(_) => {
+                self.metrics.submits_accepted.inc();
+            }
+            Answer::Refused(refusal) => self.metrics.refused(refusal.code.as_str()),
+        };
+        answer.to_line()
+    }
+}
+
+/// An answer not yet written: a refusal, or waiting for its group commit.
+enum PendingAnswer {
+    Refused(Refusal),
+    Stored { id: String, insert: PendingInsert },
+    Status,
+}
+
+/// Serves one accepted connection to its end. `permit` is its connection
+/// slot, `None` when all are taken.
+pub(super) async fn serve(
+    stream: UnixStream,
+    permit: Option<OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let refusal = admission(&stream, permit.is_some(), &shared.config);
+    let (read_half, write_half) = stream.into_split();
+    let (answers, queued) = mpsc::channel(PIPELINE_DEPTH);
+    let idle = shared.config.idle_timeout;
+    let writer = tokio::spawn(write_answers(write_half, queued, shared.clone(), idle));
+    match refusal {
+        Some(refusal) => {
+            let _ = answers.send(PendingAnswer::Refused(refusal)).await;
+        }
+        None => read_requests(read_half, &answers, &shared, &shutdown).await,
+    }
+    drop(answers);
+    let _ = writer.await;
+    drop(permit);
+}
+
+/// Why the client may not be served, if it may not.
+fn admission(stream: &UnixStream, has_slot: bool, config: &SubmitConfig) -> Option<Refusal> {
+    if !has_slot {
+        return Some(Refusal::new(
+            ErrorCode::BufferFull,
+            format!(
+                "too many connections (submit.max_connections = {})",
+                config.max_connections
+            ),
+        ));
+    }
+    match stream.peer_cred() {
+        Ok(cred) if !authorized(config, cred.uid(), cred.gid()) => {
+            tracing::warn!(
+                uid = cred.uid(),
+                gid = cred.gid(),
+                "refused a client by its credentials"
+            );
+            Some(Refusal::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "uid {} / gid {} is not in submit.allowed_uids or submit.allowed_gids",
+                    cred.uid(),
+                    cred.gid()
+                ),
+            ))
+        }
+        Ok(_) => None,
+        Err(e) => Some(Refusal::new(
+            ErrorCode::Unauthorized,
+            format!("cannot read the peer's credentials: {e}"),
+        )),
+    }
+}
+
+fn authorized(config: &SubmitConfig, uid: u32, gid: u32) -> bool {
+    (config.allowed_uids.is_empty() && config.allowed_gids.is_empty())
+        || config.allowed_uids.contains(&uid)
+        || config.allowed_gids.contains(&gid)
+}
+
+async fn read_requests(
+    read_half: OwnedReadHalf,
+    answers: &mpsc::Sender<PendingAnswer>,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) {
+    let mut lines = LineReader::new(read_half, shared.max_line);
+    let mut draining = false;
+    loop {
+        let wait = if draining {
+            DRAIN_GRACE
+        } else {
+            shared.config.idle_timeout
+        };
+        let read = tokio::select! {
+            // Shutdown first: once it has begun (the socket file is gone), a
+            // line that arrives is refused, never stored by the luck of a
+            // random branch order.
+            biased;
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                continue;
+            }
+            read = tokio::time::timeout(wait, lines.next_line()) => read,
+        };
+        let pending = match read {
+            Err(_) | Ok(Ok(Line::Eof)) | Ok(Err(_)) => return,
+            Ok(Ok(Line::TooLong(len))) => PendingAnswer::Refused(Refusal::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the request line is over {} bytes (at least {len}); \
+                     the limit follows submit.max_message_size",
+                    shared.max_line
+                ),
+            )),
+            Ok(Ok(Line::Complete(_))) if draining => PendingAnswer::Refused(Refusal::new(
+                ErrorCode::ShuttingDown,
+                "the agent is shutting down",
+            )),
+            Ok(Ok(Line::Complete(line))) => handle(&line, shared).await,
+        };
+        if answers.send(pending).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One request line: refused, or a status request, or handed to the store.
+async fn handle(line: &[u8], shared: &Shared) -> PendingAnswer {
+    let max_body = shared.config.max_message_size.as_u64();
+    let message = match parse_request(line) {
+        Err(refusal) => return PendingAnswer::Refused(refusal),
+        Ok(Request::Status) => return PendingAnswer::Status,
+        Ok(Request::Submit(submit)) => match new_message(submit, max_body) {
+            Err(refusal) => return PendingAnswer::Refused(refusal),
+            Ok(message) => message,
+        },
+    };
+    let id = message.id.clone();
+    match shared.store.enqueue_insert(message).await {
+        Ok(insert) => PendingAnswer::Stored { id, insert },
+        Err(e) => PendingAnswer::Refused(Refusal::from(&e)),
+    }
+}
+
+/// Resolves answers in request order and writes them, flushing whenever no
+/// further answer is queued. A client that stops reading for `idle` is dropped.
+async fn write_answers(
+    write_half: OwnedWriteHalf,
+    mut queued: mpsc::Receiver<PendingAnswer>,
+    shared: Arc<Shared>,
+    idle: Duration,
+) {
+    let mut out = BufWriter::with_capacity(64 * 1024, write_half);
+    loop {
+        let next = match queued.try_recv() {
+            Ok(next) => next,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if !matches!(tokio::time::timeout(idle, out.flush()).await, Ok(Ok(()))) {
+                    return;
+                }
+                match queued.recv().await {
+                    Some(next) => next,
+                    None => break,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
+        let line = match next {
+            PendingAnswer::Refused(refusal) => shared.answer(&Answer::Refused(refusal)),
+            PendingAnswer::Stored { id, insert } => {
+                let answer = match insert.await {
+                    Ok(inserted) => Answer::Ok(Accepted {
+                        id,
+                        duplicate: inserted.duplicate,
+                    }),
+                    Err(e) => {
+                        tracing::debug!(message_id = %id, error = %e, "submit refused");
+                        Answer::Refused(Refusal::from(&e))
+                    }
+                };
+                shared.answer(&answer)
+            }
+            PendingAnswer::Status => status_line(&shared).await,
+        };
+        if !matches!(
+            tokio::time::timeout(idle, out.write_all(&line)).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+    }
+    let _ = tokio::time::timeout(idle, async {
+        let _ = out.flush().await;
+        let _ = out.shutdown().await;
+    })
+    .await;
+}
+
+/// The answer to a status request; the report is read off the runtime's
+/// worker threads (it queries the database).
+async fn status_line(shared: &Arc<Shared>) -> Vec<u8> {
+    let source = shared.status.clone();
+    let report = tokio::task::spawn_blocking(move || source())
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    match report {
+        Ok(report) => StatusAnswer::Ok(report).to_line(),
+        Err(e) => StatusAnswer::Refused(Refusal::new(ErrorCode::StorageError, e)).to_line(),
+    }
+}

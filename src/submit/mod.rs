@@ -1,0 +1,216 @@
+//! Submit: the Unix-socket front door (docs/protocol.md).
+//!
+//! Role: accept local programs' connections, read one JSON request per line,
+//! store each message through the [`Store`], answer one JSON line per request
+//! in request order. The request and answer types are [`crate::protocol`];
+//! this component is the server side of them.
+//!
+//! Owns: the socket file (created on start, a stale one from a crashed run
+//! replaced, a live agent on the same path detected; removed on exit), the
+//! accept loop, the per-connection tasks, the connection limit.
+//!
+//! Layout:
+//! - `mod.rs`: the socket file, the accept loop, shutdown;
+//! - `connection.rs`: serving one connection: admission by peer
+//!   credentials, the reader and writer tasks, idle timeouts;
+//! - `parse.rs`: a request line → a typed request → a `NewMessage`, or a
+//!   refusal that names the fault;
+//! - `lines.rs`: the bounded, cancel-safe line reader.
+//!
+//! Pipelining and ordering: a connection's *reader* parses lines and hands
+//! each submit to the store at once (so a pipelining client's requests join
+//! the same group commit), queueing the pending answer; its *writer* awaits
+//! the queued answers in order and writes them. The queue is bounded, so a
+//! client that never reads stops being read.
+//!
+//! Invariants:
+//! - `ok` is written only after the store reported the row committed.
+//! - A refusal stores nothing; a `bad_request` or `too_large` leaves the
+//!   connection usable; only `unauthorized` and the connection limit close it.
+//! - Nothing a client sends can crash the agent or cost another client
+//!   anything: lines are bounded (`submit.max_message_size` sets the limit),
+//!   idle and non-reading clients are dropped after `submit.idle_timeout`,
+//!   connections beyond `submit.max_connections` are answered `buffer_full`
+//!   and closed; a transient accept failure (out of descriptors) pauses the
+//!   loop instead of ending it.
+//! - On shutdown the listener closes and the socket file goes first; lines
+//!   already read are answered, later ones get `shutting_down`; the server
+//!   returns when every connection has ended.
+
+mod connection;
+mod lines;
+mod parse;
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::SubmitConfig;
+use crate::metrics::Metrics;
+use crate::status::StatusReport;
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("another edge-outbox agent is already listening on {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("cannot listen on {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("accepting connections on {path}: {source}")]
+    Accept { path: PathBuf, source: io::Error },
+}
+
+/// Produces the report for `{"op":"status"}`; given by the wiring, so this
+/// component needs to know nothing of the forwarder.
+pub(crate) type StatusSource = Arc<dyn Fn() -> Result<StatusReport, String> + Send + Sync>;
+
+/// A bound socket, not yet serving. Binding first lets the caller report
+/// readiness (and fail early) before the server runs.
+pub(crate) struct SubmitSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl SubmitSocket {
+    /// Creates the socket file: replaces a stale one, refuses when a live
+    /// agent answers on it or when the path is something else.
+    pub(crate) fn bind(config: &SubmitConfig) -> Result<SubmitSocket, SubmitError> {
+        let path = config.socket.clone();
+        let bind_error = |source| SubmitError::Bind {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                match std::os::unix::net::UnixStream::connect(&path) {
+                    Ok(_) => return Err(SubmitError::AlreadyRunning(path)),
+                    Err(_) => {
+                        tracing::info!(socket = %path.display(), "replacing a stale socket file");
+                        std::fs::remove_file(&path).map_err(bind_error)?;
+                    }
+                }
+            }
+            Ok(_) => return Err(SubmitError::NotASocket(path)),
+            Err(_) => {}
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(bind_error)?;
+        }
+        let listener = UnixListener::bind(&path).map_err(bind_error)?;
+        std::fs::set_permissions(
+            &path,
+            std::fs::Permissions::from_mode(config.socket_mode_bits()),
+        )
+        .map_err(bind_error)?;
+        Ok(SubmitSocket { listener, path })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The submit server: a bound socket and what its connections need.
+pub(crate) struct SubmitServer {
+    socket: SubmitSocket,
+    shared: Arc<Shared>,
+}
+
+/// What every connection of the server reads.
+struct Shared {
+    config: SubmitConfig,
+    store: Store,
+    status: StatusSource,
+    metrics: Arc<Metrics>,
+    /// Longest request line, computed once from `submit.max_message_size`.
+    max_line: usize,
+}
+
+impl SubmitServer {
+    pub(crate) fn new(
+        socket: SubmitSocket,
+        config: SubmitConfig,
+        store: Store,
+        status: StatusSource,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let max_line = config.max_line_length();
+        SubmitServer {
+            socket,
+            shared: Arc::new(Shared {
+                config,
+                store,
+                status,
+                metrics,
+                max_line,
+            }),
+        }
+    }
+
+    /// Serves until `shutdown`, then removes the socket file and waits for
+    /// the connections to answer what they read.
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), SubmitError> {
+        let SubmitServer { socket, shared } = self;
+        let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+        let connections = TaskTracker::new();
+        let result = loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                accepted = socket.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    // No slot left: the connection is still served, to be
+                    // told why it is refused.
+                    let permit = slots.clone().try_acquire_owned().ok();
+                    let shared = shared.clone();
+                    let shutdown = shutdown.clone();
+                    connections.spawn(connection::serve(stream, permit, shared, shutdown));
+                }
+                // Out of file descriptors and the like: the agent lives on.
+                Err(e) if is_transient_accept_error(&e) => {
+                    tracing::warn!(error = %e, "accept failed, pausing briefly");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(source) => {
+                    break Err(SubmitError::Accept {
+                        path: socket.path.clone(),
+                        source,
+                    })
+                }
+            }
+        };
+        drop(socket.listener);
+        let _ = std::fs::remove_file(&socket.path);
+        connections.close();
+        connections.wait().await;
+        result
+    }
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_codes::EMFILE | libc_codes::ENFILE | libc_codes::ENOBUFS | libc_codes::ENOMEM)
+    ) || matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+    )
+}
+
+/// Linux errno values, spelled out to spare a `libc` dependency.
+mod libc_codes {
+    pub(super) const EMFILE: i32 = 24;
+    pub(super) const ENFILE: i32 = 23;
+    pub(super) const ENOBUFS: i32 = 105;
+    pub(super) const ENOMEM: i32 = 12;
+}
