@@ -15,17 +15,24 @@
 //! - Passwords never appear in `Debug` output or error messages
 //!   ([`redact_url`]).
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+mod env;
+mod validate;
+mod values;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+use env::{apply_env, attribute_to_env};
+use values::human_duration;
+pub use values::{
+    format_duration, parse_time_of_day, redact_url, HandlerKind, LogFormat, QueueType, Synchronous,
+};
+
 /// Environment variable naming the configuration file when `-c` is absent.
 pub const CONFIG_ENV: &str = "EDGE_OUTBOX_CONFIG";
-const ENV_PREFIX: &str = "EDGE_OUTBOX_";
 
 /// A configuration that cannot be used. Its `Display` names the key.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +59,7 @@ fn origin_suffix(origin: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
         message: message.into(),
@@ -72,15 +79,6 @@ pub struct Config {
     pub purge: PurgeConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Synchronous {
-    /// Every commit is synced: survives a power cut.
-    Full,
-    /// WAL sync at checkpoints only: survives a crash of the agent, not a power cut.
-    Normal,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,20 +220,6 @@ impl Default for PublishConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    Classic,
-    Quorum,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HandlerKind {
-    Record,
-    Exec,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Binding {
@@ -311,13 +295,6 @@ pub struct MetricsConfig {
     pub listen: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Auto,
-    Json,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -387,302 +364,6 @@ fn from_table(table: toml::Table, origin: Option<&str>) -> Result<Config, Config
         message: e.inner().to_string(),
         origin: origin.map(str::to_string),
     })
-}
-
-fn attribute_to_env(e: ConfigError, sources: &BTreeMap<String, String>) -> ConfigError {
-    match e {
-        ConfigError::Invalid { key, message, .. } => {
-            let origin = sources.get(&key).cloned();
-            ConfigError::Invalid {
-                key,
-                message,
-                origin,
-            }
-        }
-        other => other,
-    }
-}
-
-/// Merges `EDGE_OUTBOX_<SECTION>_<KEY>` variables into `table`. Returns which
-/// variable set which key, for error messages. Variables whose section is not
-/// one of ours (the exec handler's `EDGE_OUTBOX_MESSAGE_ID`, say) are not ours.
-fn apply_env(
-    table: &mut toml::Table,
-    env: &[(String, String)],
-) -> Result<BTreeMap<String, String>, ConfigError> {
-    let defaults = match toml::Value::try_from(Config::default()) {
-        Ok(toml::Value::Table(t)) => t,
-        _ => toml::Table::new(),
-    };
-    let mut sources = BTreeMap::new();
-    for (name, raw) in env {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        let rest = rest.to_ascii_lowercase();
-        let Some((section, default_section)) = defaults
-            .iter()
-            .find(|(s, _)| rest.starts_with(&format!("{s}_")))
-        else {
-            continue;
-        };
-        let key = &rest[section.len() + 1..];
-        let keys = default_section.as_table();
-        let Some(default_value) = keys.and_then(|t| t.get(key)) else {
-            return Err(ConfigError::Invalid {
-                key: format!("{section}.{key}"),
-                message: "unknown key".into(),
-                origin: Some(name.clone()),
-            });
-        };
-        let value = env_value(raw, default_value);
-        let entry = table
-            .entry(section.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        match entry.as_table_mut() {
-            Some(t) => {
-                t.insert(key.to_string(), value);
-            }
-            None => return Err(invalid(section, "must be a table")),
-        }
-        sources.insert(format!("{section}.{key}"), name.clone());
-    }
-    Ok(sources)
-}
-
-/// An environment value is TOML when it parses as the key's kind of value,
-/// else a plain string (a list key takes a comma-separated list).
-fn env_value(raw: &str, default: &toml::Value) -> toml::Value {
-    let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"));
-    match (parsed, default) {
-        (Some(v), d) if v.same_type(d) => v,
-        (_, toml::Value::Array(_)) => toml::Value::Array(
-            raw.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| toml::Value::String(s.to_string()))
-                .collect(),
-        ),
-        (Some(v), _) if !matches!(v, toml::Value::String(_)) && !default.is_str() => v,
-        _ => toml::Value::String(raw.to_string()),
-    }
-}
-
-impl Config {
-    /// Checks what types alone cannot say; every error names its key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.store.path.as_os_str().is_empty() {
-            return Err(invalid("store.path", "must not be empty"));
-        }
-        if self.store.max_pending == 0 {
-            return Err(invalid("store.max_pending", "must be at least 1"));
-        }
-        let s = &self.submit;
-        if s.socket.as_os_str().is_empty() {
-            return Err(invalid("submit.socket", "must not be empty"));
-        }
-        // sun_path holds 108 bytes including the terminating NUL.
-        if s.socket.as_os_str().len() > 107 {
-            return Err(invalid(
-                "submit.socket",
-                "path is longer than the 107 bytes a Unix socket path may have",
-            ));
-        }
-        match u32::from_str_radix(&s.socket_mode, 8) {
-            Ok(m) if m <= 0o777 => {}
-            _ => {
-                return Err(invalid(
-                    "submit.socket_mode",
-                    format!(
-                        "{:?} is not an octal file mode like \"0660\"",
-                        s.socket_mode
-                    ),
-                ))
-            }
-        }
-        if s.max_message_size.as_u64() == 0 {
-            return Err(invalid(
-                "submit.max_message_size",
-                "must be at least 1 byte",
-            ));
-        }
-        if s.max_message_size.as_u64() > 128 * 1024 * 1024 {
-            return Err(invalid(
-                "submit.max_message_size",
-                "must be at most 128MiB (RabbitMQ's own limit is lower: 16MiB by default)",
-            ));
-        }
-        if s.max_connections == 0 {
-            return Err(invalid("submit.max_connections", "must be at least 1"));
-        }
-        if s.idle_timeout.is_zero() {
-            return Err(invalid("submit.idle_timeout", "must be more than 0"));
-        }
-        let b = &self.broker;
-        if b.urls.is_empty() {
-            return Err(invalid("broker.urls", "must name at least one broker"));
-        }
-        for (i, url) in b.urls.iter().enumerate() {
-            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-                return Err(invalid(
-                    &format!("broker.urls[{i}]"),
-                    format!("{} is not an amqp:// or amqps:// URL", redact_url(url)),
-                ));
-            }
-            if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
-                return Err(invalid(
-                    &format!("broker.urls[{i}]"),
-                    format!("{}: {e}", redact_url(url)),
-                ));
-            }
-        }
-        if b.heartbeat.as_secs() > u64::from(u16::MAX) {
-            return Err(invalid("broker.heartbeat", "must be at most 65535s"));
-        }
-        if b.connect_timeout.is_zero() {
-            return Err(invalid("broker.connect_timeout", "must be more than 0"));
-        }
-        let p = &self.publish;
-        if p.max_in_flight == 0 {
-            return Err(invalid("publish.max_in_flight", "must be at least 1"));
-        }
-        if p.max_attempts == 0 {
-            return Err(invalid("publish.max_attempts", "must be at least 1"));
-        }
-        if p.confirm_timeout.is_zero() {
-            return Err(invalid("publish.confirm_timeout", "must be more than 0"));
-        }
-        if p.resend_every.is_zero() {
-            return Err(invalid("publish.resend_every", "must be more than 0"));
-        }
-        let c = &self.consumer;
-        if c.prefetch == 0 {
-            return Err(invalid("consumer.prefetch", "must be at least 1"));
-        }
-        if c.max_attempts == 0 {
-            return Err(invalid("consumer.max_attempts", "must be at least 1"));
-        }
-        if c.handler == HandlerKind::Exec && c.exec.is_empty() {
-            return Err(invalid(
-                "consumer.exec",
-                "handler = \"exec\" needs the command to run, e.g. [\"/usr/bin/handler\", \"--flag\"]",
-            ));
-        }
-        if c.handler_timeout.is_zero() {
-            return Err(invalid("consumer.handler_timeout", "must be more than 0"));
-        }
-        for (i, binding) in c.bindings.iter().enumerate() {
-            if !matches!(
-                binding.exchange_type.as_str(),
-                "direct" | "fanout" | "topic" | "headers"
-            ) {
-                return Err(invalid(
-                    &format!("consumer.bindings[{i}].exchange_type"),
-                    format!(
-                        "{:?} is not one of direct, fanout, topic, headers",
-                        binding.exchange_type
-                    ),
-                ));
-            }
-        }
-        parse_time_of_day(&self.purge.at).map_err(|m| invalid("purge.at", m))?;
-        if self.purge.batch_size == 0 {
-            return Err(invalid("purge.batch_size", "must be at least 1"));
-        }
-        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
-            return Err(invalid(
-                "metrics.listen",
-                format!(
-                    "{:?} is not an address like \"127.0.0.1:9464\"",
-                    self.metrics.listen
-                ),
-            ));
-        }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                format!(
-                    "{:?} is not a level (error, warn, info, debug, trace) or filter",
-                    self.log.level
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Durations as people write them: read with humantime ("500ms", "30s",
-/// "30d"), written in the largest whole unit ("90d", not "2months 29days…").
-mod human_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&format(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration: {e}")))
-    }
-
-    pub fn format(d: Duration) -> String {
-        let ms = d.as_millis();
-        if ms % 1000 != 0 {
-            return format!("{ms}ms");
-        }
-        let secs = d.as_secs();
-        for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
-            if secs > 0 && secs % size == 0 {
-                return format!("{}{unit}", secs / size);
-            }
-        }
-        format!("{secs}s")
-    }
-}
-
-/// A duration in the largest whole unit ("90d", "500ms"), as the
-/// configuration writes it.
-pub fn format_duration(d: Duration) -> String {
-    human_duration::format(d)
-}
-
-/// Parses "HH:MM" into minutes after midnight.
-pub fn parse_time_of_day(s: &str) -> Result<u32, String> {
-    let bad = || format!("{s:?} is not a time of day like \"03:00\"");
-    let (h, m) = s.split_once(':').ok_or_else(bad)?;
-    let h: u32 = h.parse().map_err(|_| bad())?;
-    let m: u32 = m.parse().map_err(|_| bad())?;
-    if h > 23 || m > 59 {
-        return Err(bad());
-    }
-    Ok(h * 60 + m)
-}
-
-/// `url` with its password replaced by `***`, for logs, errors and status.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{tail}")
-            } else {
-                format!("{scheme}://{user}@{host}{tail}")
-            }
-        }
-        None => url.to_string(),
-    }
 }
 
 #[cfg(test)]
