@@ -362,6 +362,8 @@ async fn run_exec(argv: &[String], timeout: Duration, message: &Message) -> Resu
 
 /// The consumer task.
 pub struct Consumer {
+    /// `consumer.queue`: a consumer runs only when it is set.
+    queue: String,
     config: ConsumerConfig,
     connector: Connector,
     store: Store,
@@ -394,6 +396,7 @@ struct Session {
 
 impl Consumer {
     pub fn new(
+        queue: String,
         config: ConsumerConfig,
         connector: Connector,
         store: Store,
@@ -401,6 +404,7 @@ impl Consumer {
     ) -> Consumer {
         let handler = Arc::new(Handler::from_config(&config));
         Consumer {
+            queue,
             config,
             connector,
             store,
@@ -455,7 +459,7 @@ impl Consumer {
         .await;
         match setup {
             Ok(Ok((channel, consumer, tag))) => {
-                tracing::info!(broker = %connected.url, queue = %self.config.queue, "consuming");
+                tracing::info!(broker = %connected.url, queue = %self.queue, "consuming");
                 Link::Up(Box::new(Session {
                     connection: connected.connection,
                     channel,
@@ -467,7 +471,7 @@ impl Consumer {
                 let refused = matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406);
                 let _ = connected.connection.close(200, "setup failed".into()).await;
                 if refused {
-                    tracing::error!(queue = %self.config.queue, error = %e,
+                    tracing::error!(queue = %self.queue, error = %e,
                         "the broker refused the consumer's declarations (406: the queue or exchange exists with other arguments); fix the broker or the [consumer] configuration");
                     let failure = connected.failure(format!("declaration refused: {e}"));
                     return self.failed(failure, failures, Some(DECLARE_RETRY));
@@ -509,10 +513,10 @@ impl Consumer {
                 AMQPValue::LongString("quorum".into()),
             );
         }
-        if !c.dead_letter_exchange.is_empty() {
+        if let Some(dead_letter_exchange) = &c.dead_letter_exchange {
             channel
                 .exchange_declare(
-                    c.dead_letter_exchange.as_str().into(),
+                    dead_letter_exchange.as_str().into(),
                     ExchangeKind::Fanout,
                     durable,
                     FieldTable::default(),
@@ -520,7 +524,7 @@ impl Consumer {
                 .await?;
             arguments.insert(
                 "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(c.dead_letter_exchange.as_str().into()),
+                AMQPValue::LongString(dead_letter_exchange.as_str().into()),
             );
         }
         for binding in &c.bindings {
@@ -528,7 +532,7 @@ impl Consumer {
                 channel
                     .exchange_declare(
                         binding.exchange.as_str().into(),
-                        exchange_kind(&binding.exchange_type),
+                        binding.exchange_type.into(),
                         durable,
                         FieldTable::default(),
                     )
@@ -537,7 +541,7 @@ impl Consumer {
         }
         channel
             .queue_declare(
-                c.queue.as_str().into(),
+                self.queue.as_str().into(),
                 QueueDeclareOptions {
                     durable: true,
                     ..QueueDeclareOptions::default()
@@ -548,7 +552,7 @@ impl Consumer {
         for binding in c.bindings.iter().filter(|b| !b.exchange.is_empty()) {
             channel
                 .queue_bind(
-                    c.queue.as_str().into(),
+                    self.queue.as_str().into(),
                     binding.exchange.as_str().into(),
                     binding.routing_key.as_str().into(),
                     QueueBindOptions::default(),
@@ -557,12 +561,12 @@ impl Consumer {
                 .await?;
         }
         channel
-            .basic_qos(c.prefetch, BasicQosOptions::default())
+            .basic_qos(c.prefetch.get(), BasicQosOptions::default())
             .await?;
         let tag = format!("edge-outbox-{}", uuid::Uuid::now_v7().simple());
         let consumer = channel
             .basic_consume(
-                c.queue.as_str().into(),
+                self.queue.as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -613,7 +617,7 @@ impl Consumer {
                     Some(Ok(delivery)) => {
                         let store = self.store.clone();
                         let handler = self.handler.clone();
-                        let max_attempts = self.config.max_attempts;
+                        let max_attempts = self.config.max_attempts.get();
                         let metrics = self.metrics.clone();
                         let in_flight = in_flight.clone();
                         running.spawn(handle(delivery, store, handler, max_attempts, metrics, in_flight));
@@ -732,15 +736,6 @@ impl Drop for Turn {
         {
             ids.remove(&self.id);
         }
-    }
-}
-
-fn exchange_kind(kind: &str) -> ExchangeKind {
-    match kind {
-        "fanout" => ExchangeKind::Fanout,
-        "topic" => ExchangeKind::Topic,
-        "headers" => ExchangeKind::Headers,
-        _ => ExchangeKind::Direct,
     }
 }
 

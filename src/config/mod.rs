@@ -1,38 +1,61 @@
-//! Configuration: the typed tree of `../shared/SPEC.md` "Configuration".
+//! Configuration: one TOML file, every key optional, overridable key by key
+//! from the environment, read once at start (docs/configuration.md).
 //!
-//! Role: turn a TOML file (from `-c FILE` or `EDGE_OUTBOX_CONFIG`), plus
-//! `EDGE_OUTBOX_<SECTION>_<KEY>` environment overrides, into one validated
-//! [`Config`]. Every key is optional; the defaults are the spec's.
+//! Role: turn the file (`-c FILE`, else the one `EDGE_OUTBOX_CONFIG` names,
+//! else none) and the `EDGE_OUTBOX_<SECTION>_<KEY>` variables into one
+//! [`Config`] whose values are already typed; each component then receives
+//! its own section.
 //!
-//! Layers, lowest first: built-in defaults, the file, the environment.
-//! Each component later receives only its own section.
+//! Layers, lowest first (docs/configuration.md, "Where it comes from"):
+//! 1. the built-in defaults: the `Default` impls of the sections below;
+//! 2. the file, as a TOML table;
+//! 3. the environment ([`env`]): each variable replaces one key of the table;
+//! 4. deserialization of the merged table into the typed sections
+//!    ([`values`]: file modes, times of day, exchange types, addresses,
+//!    durations, `NonZero*` counts, `Option` for "not set");
+//! 5. the checks types cannot say ([`validate`]).
+//!
+//! Files: `mod.rs` the tree, its defaults and [`load`]; `values.rs` the value
+//! types and their serde; `env.rs` the overrides; `validate.rs` the checks.
 //!
 //! Invariants:
 //! - Unknown keys are an error, in the file and in the environment (for the
 //!   known sections): a typo never silently falls back to a default.
-//! - Every error names the key it is about (`publish.max_in_flight: ...`).
-//! - A [`Config`] that left [`load`] is valid: components do not re-check it.
+//! - Every error names the key it is about (`publish.max_in_flight: ...`)
+//!   and, when it is not a cross-field check, where the value came from (the
+//!   file or the variable) (docs/configuration.md, "Validation").
+//! - Values are parsed once, here: no component re-parses a string or falls
+//!   back to a default on a bad value. A [`Config`] that left [`load`] is
+//!   valid; components do not re-check it.
+//! - The syntax users write does not depend on the types: `socket_mode` is
+//!   the string `"0660"`, `""` means "not set", and serializing a [`Config`]
+//!   prints that syntax back (`edge-outbox check-config`).
 //! - Passwords never appear in `Debug` output or error messages
 //!   ([`redact_url`]).
 
 mod env;
+#[cfg(test)]
+mod tests;
 mod validate;
 mod values;
 
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
-use env::{apply_env, attribute_to_env};
-use values::human_duration;
+use env::apply_env;
+use values::{at_least_one, empty_is_none, human_duration, optional_address};
 pub use values::{
-    format_duration, parse_time_of_day, redact_url, HandlerKind, LogFormat, QueueType, Synchronous,
+    format_duration, redact_url, ExchangeKind, FileMode, HandlerKind, LogFormat, QueueType,
+    Synchronous, TimeOfDay,
 };
 
 /// Environment variable naming the configuration file when `-c` is absent.
-pub const CONFIG_ENV: &str = "EDGE_OUTBOX_CONFIG";
+const CONFIG_ENV: &str = "EDGE_OUTBOX_CONFIG";
 
 /// A configuration that cannot be used. Its `Display` names the key.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +82,7 @@ fn origin_suffix(origin: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
-pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
         message: message.into(),
@@ -86,8 +109,10 @@ pub struct Config {
 pub struct StoreConfig {
     pub path: PathBuf,
     pub synchronous: Synchronous,
-    /// Status-0 rows past which a submit is refused with `buffer_full`.
-    pub max_pending: u64,
+    /// The most delivering rows: past it a submit is refused with
+    /// `buffer_full` (nothing is ever evicted to make room).
+    #[serde(deserialize_with = "at_least_one::deserialize")]
+    pub max_pending: NonZeroU64,
     /// Database size past which a submit is refused with `storage_full`.
     pub max_db_size: ByteSize,
     /// Free space on the database's filesystem below which a submit is refused.
@@ -96,10 +121,12 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
+        // The `NonZero*` defaults are `const` blocks: a zero there fails the
+        // build, never a run.
         Self {
             path: PathBuf::from("edge-outbox.db"),
             synchronous: Synchronous::Full,
-            max_pending: 1_000_000,
+            max_pending: const { NonZeroU64::new(1_000_000).unwrap() },
             max_db_size: ByteSize::gib(2),
             min_free_disk: ByteSize::mib(64),
         }
@@ -110,13 +137,15 @@ impl Default for StoreConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SubmitConfig {
     pub socket: PathBuf,
-    /// Octal file mode of the socket, as a string ("0660").
-    pub socket_mode: String,
+    /// Who may open the socket, by its file mode (written "0660").
+    pub socket_mode: FileMode,
     pub allowed_uids: Vec<u32>,
     pub allowed_gids: Vec<u32>,
     /// Largest decoded body accepted.
     pub max_message_size: ByteSize,
-    pub max_connections: usize,
+    /// Connections at once; the one past it is refused with `buffer_full`.
+    #[serde(deserialize_with = "at_least_one::deserialize")]
+    pub max_connections: NonZeroUsize,
     /// A connection that sends no complete line for this long is closed.
     #[serde(with = "human_duration")]
     pub idle_timeout: Duration,
@@ -126,22 +155,17 @@ impl Default for SubmitConfig {
     fn default() -> Self {
         Self {
             socket: PathBuf::from("edge-outbox.sock"),
-            socket_mode: "0660".into(),
+            socket_mode: FileMode::OWNER_AND_GROUP,
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             max_message_size: ByteSize::mib(1),
-            max_connections: 1024,
+            max_connections: const { NonZeroUsize::new(1024).unwrap() },
             idle_timeout: Duration::from_secs(300),
         }
     }
 }
 
 impl SubmitConfig {
-    /// The socket mode as bits; valid after [`load`].
-    pub fn socket_mode_bits(&self) -> u32 {
-        u32::from_str_radix(&self.socket_mode, 8).unwrap_or(0o660)
-    }
-
     /// Longest request line accepted. A JSON string may escape every byte of
     /// the body (`\u0000` is six bytes for one), base64 takes 4/3: six times
     /// the body plus room for the other fields covers every valid request.
@@ -155,15 +179,22 @@ impl SubmitConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     pub urls: Vec<String>,
-    /// A file whose content replaces the URLs' password (systemd credentials).
-    pub password_file: PathBuf,
+    /// A file whose content replaces the URLs' password (systemd
+    /// credentials); `""`: the URLs' own passwords.
+    #[serde(with = "empty_is_none")]
+    pub password_file: Option<PathBuf>,
     #[serde(with = "human_duration")]
     pub heartbeat: Duration,
     #[serde(with = "human_duration")]
     pub connect_timeout: Duration,
-    pub tls_ca_file: PathBuf,
-    pub tls_cert_file: PathBuf,
-    pub tls_key_file: PathBuf,
+    /// The CA an `amqps://` broker is verified against; `""`: the system's.
+    #[serde(with = "empty_is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// The client certificate, sent when the key is set too.
+    #[serde(with = "empty_is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(with = "empty_is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -185,12 +216,12 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             urls: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()],
-            password_file: PathBuf::new(),
+            password_file: None,
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
-            tls_ca_file: PathBuf::new(),
-            tls_cert_file: PathBuf::new(),
-            tls_key_file: PathBuf::new(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -198,10 +229,14 @@ impl Default for BrokerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishConfig {
-    pub max_in_flight: usize,
+    /// Messages published and not yet confirmed, at most.
+    #[serde(deserialize_with = "at_least_one::deserialize")]
+    pub max_in_flight: NonZeroUsize,
     #[serde(with = "human_duration")]
     pub confirm_timeout: Duration,
-    pub max_attempts: u32,
+    /// Failed attempts after which a message is marked failed.
+    #[serde(deserialize_with = "at_least_one::deserialize")]
+    pub max_attempts: NonZeroU32,
     #[serde(with = "human_duration")]
     pub retry_interval: Duration,
     #[serde(with = "human_duration")]
@@ -211,9 +246,9 @@ pub struct PublishConfig {
 impl Default for PublishConfig {
     fn default() -> Self {
         Self {
-            max_in_flight: 256,
+            max_in_flight: const { NonZeroUsize::new(256).unwrap() },
             confirm_timeout: Duration::from_secs(30),
-            max_attempts: 4,
+            max_attempts: const { NonZeroU32::new(4).unwrap() },
             retry_interval: Duration::from_secs(60),
             resend_every: Duration::from_secs(30),
         }
@@ -224,43 +259,47 @@ impl Default for PublishConfig {
 #[serde(deny_unknown_fields)]
 pub struct Binding {
     pub exchange: String,
-    #[serde(default = "default_exchange_type")]
-    pub exchange_type: String,
+    #[serde(default)]
+    pub exchange_type: ExchangeKind,
     #[serde(default)]
     pub routing_key: String,
-}
-
-fn default_exchange_type() -> String {
-    "direct".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsumerConfig {
-    pub queue: String,
+    /// The queue to consume; `""` (none): no consumer runs.
+    #[serde(with = "empty_is_none")]
+    pub queue: Option<String>,
     pub queue_type: QueueType,
     pub bindings: Vec<Binding>,
-    pub prefetch: u16,
+    /// Unacked deliveries at once, hence handlers running at once.
+    #[serde(deserialize_with = "at_least_one::deserialize")]
+    pub prefetch: NonZeroU16,
     pub handler: HandlerKind,
     pub exec: Vec<String>,
     #[serde(with = "human_duration")]
     pub handler_timeout: Duration,
-    pub max_attempts: u32,
-    pub dead_letter_exchange: String,
+    /// Failed handler runs after which the delivery is rejected.
+    #[serde(deserialize_with = "at_least_one::deserialize")]
+    pub max_attempts: NonZeroU32,
+    /// Where rejected deliveries go; `""` (none): they are dropped.
+    #[serde(with = "empty_is_none")]
+    pub dead_letter_exchange: Option<String>,
 }
 
 impl Default for ConsumerConfig {
     fn default() -> Self {
         Self {
-            queue: String::new(),
+            queue: None,
             queue_type: QueueType::Classic,
             bindings: Vec::new(),
-            prefetch: 1,
+            prefetch: NonZeroU16::MIN,
             handler: HandlerKind::Record,
             exec: Vec::new(),
             handler_timeout: Duration::from_secs(30),
-            max_attempts: 2,
-            dead_letter_exchange: String::new(),
+            max_attempts: const { NonZeroU32::new(2).unwrap() },
+            dead_letter_exchange: None,
         }
     }
 }
@@ -268,22 +307,24 @@ impl Default for ConsumerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PurgeConfig {
-    /// Local time of day, "HH:MM".
-    pub at: String,
+    /// Local time of the daily purge (written "HH:MM").
+    pub at: TimeOfDay,
     #[serde(with = "human_duration")]
     pub retention: Duration,
     #[serde(with = "human_duration")]
     pub failed_retention: Duration,
-    pub batch_size: u32,
+    /// Rows deleted per transaction: a submit waits for one batch at most.
+    #[serde(deserialize_with = "at_least_one::deserialize")]
+    pub batch_size: NonZeroU32,
 }
 
 impl Default for PurgeConfig {
     fn default() -> Self {
         Self {
-            at: "03:00".into(),
+            at: TimeOfDay::THREE_AM,
             retention: Duration::from_secs(30 * 86_400),
             failed_retention: Duration::from_secs(90 * 86_400),
-            batch_size: 1000,
+            batch_size: const { NonZeroU32::new(1000).unwrap() },
         }
     }
 }
@@ -291,8 +332,9 @@ impl Default for PurgeConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// `host:port` to serve `/metrics` on; empty: no metrics endpoint.
-    pub listen: String,
+    /// `IP:PORT` to serve `/metrics` on; `""` (none): no metrics endpoint.
+    #[serde(with = "optional_address")]
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -313,7 +355,7 @@ impl Default for LogConfig {
 
 /// Loads the configuration: `file` (or `EDGE_OUTBOX_CONFIG`, or nothing),
 /// then the process environment's overrides, then validation.
-pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+pub(crate) fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let from_env = env
         .iter()
@@ -337,8 +379,9 @@ pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
     load_from(text.as_deref(), &origin, &env)
 }
 
-/// [`load`] without touching the filesystem or the process environment.
-pub fn load_from(
+/// [`load`] without touching the filesystem or the process environment:
+/// `text` is the file's content (`origin` names it), `env` the variables.
+fn load_from(
     text: Option<&str>,
     origin: &str,
     env: &[(String, String)],
@@ -350,144 +393,20 @@ pub fn load_from(
         })?,
         None => toml::Table::new(),
     };
-    // Deserialize the file alone first, so its errors name the file.
-    from_table(table.clone(), Some(origin))?;
-    let sources = apply_env(&mut table, env)?;
-    let config = from_table(table, None).map_err(|e| attribute_to_env(e, &sources))?;
+    let overrides = apply_env(&mut table, env, origin)?;
+    // One deserialization of the merged table: a file value that a variable
+    // overrides is never read, so it cannot fail the load.
+    let config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let origin = overrides.variable_for(&key).unwrap_or(origin).to_string();
+            ConfigError::Invalid {
+                // The key is said once, first: toml's own message repeats it.
+                message: e.inner().message().to_string(),
+                key,
+                origin: Some(origin),
+            }
+        })?;
     config.validate()?;
     Ok(config)
-}
-
-fn from_table(table: toml::Table, origin: Option<&str>) -> Result<Config, ConfigError> {
-    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Invalid {
-        key: e.path().to_string(),
-        message: e.inner().to_string(),
-        origin: origin.map(str::to_string),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn defaults_match_the_spec() {
-        let c = load_from(None, "defaults", &[]).unwrap();
-        assert_eq!(c.store.path, PathBuf::from("edge-outbox.db"));
-        assert_eq!(c.store.synchronous, Synchronous::Full);
-        assert_eq!(c.store.max_db_size, ByteSize::gib(2));
-        assert_eq!(c.submit.socket_mode_bits(), 0o660);
-        assert_eq!(c.publish.max_in_flight, 256);
-        assert_eq!(c.publish.retry_interval, Duration::from_secs(60));
-        assert_eq!(c.purge.retention, Duration::from_secs(30 * 86_400));
-        assert_eq!(c.consumer.max_attempts, 2);
-    }
-
-    #[test]
-    fn file_values_and_human_units() {
-        let c = load_from(
-            Some("[store]\nmax_db_size = \"10MiB\"\n[publish]\nconfirm_timeout = \"500ms\"\n[purge]\nretention = \"7d\"\n"),
-            "test.toml",
-            &[],
-        )
-        .unwrap();
-        assert_eq!(c.store.max_db_size, ByteSize::mib(10));
-        assert_eq!(c.publish.confirm_timeout, Duration::from_millis(500));
-        assert_eq!(c.purge.retention, Duration::from_secs(7 * 86_400));
-    }
-
-    #[test]
-    fn unknown_keys_are_errors_naming_the_key() {
-        let e = load_from(Some("[store]\npaht = \"x\"\n"), "f.toml", &[]).unwrap_err();
-        let msg = e.to_string();
-        assert!(msg.contains("paht"), "{msg}");
-        let e = load_from(Some("[stroe]\n"), "f.toml", &[]).unwrap_err();
-        assert!(e.to_string().contains("stroe"), "{e}");
-    }
-
-    #[test]
-    fn bad_values_name_the_key() {
-        let e = load_from(Some("[publish]\nmax_in_flight = 0\n"), "f", &[]).unwrap_err();
-        assert!(e.to_string().starts_with("publish.max_in_flight"), "{e}");
-        let e = load_from(Some("[publish]\nconfirm_timeout = \"soon\"\n"), "f", &[]).unwrap_err();
-        assert!(e.to_string().contains("publish.confirm_timeout"), "{e}");
-        let e = load_from(Some("[submit]\nsocket_mode = \"999\"\n"), "f", &[]).unwrap_err();
-        assert!(e.to_string().contains("submit.socket_mode"), "{e}");
-        let e = load_from(Some("[store]\nsynchronous = \"off\"\n"), "f", &[]).unwrap_err();
-        assert!(e.to_string().contains("store.synchronous"), "{e}");
-    }
-
-    #[test]
-    fn environment_overrides_single_keys() {
-        let c = load_from(
-            Some("[publish]\nmax_in_flight = 10\n"),
-            "f",
-            &env(&[
-                ("EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT", "20"),
-                ("EDGE_OUTBOX_STORE_PATH", "/tmp/x.db"),
-                ("EDGE_OUTBOX_BROKER_URLS", "amqp://a:b@h1/%2f, amqp://h2"),
-                ("EDGE_OUTBOX_MESSAGE_ID", "not ours"),
-                ("EDGE_OUTBOX_SUBMIT_MAX_MESSAGE_SIZE", "2MiB"),
-            ]),
-        )
-        .unwrap();
-        assert_eq!(c.publish.max_in_flight, 20);
-        assert_eq!(c.store.path, PathBuf::from("/tmp/x.db"));
-        assert_eq!(c.broker.urls.len(), 2);
-        assert_eq!(c.submit.max_message_size, ByteSize::mib(2));
-        let e = load_from(None, "d", &env(&[("EDGE_OUTBOX_STORE_PAHT", "x")])).unwrap_err();
-        assert!(e.to_string().contains("EDGE_OUTBOX_STORE_PAHT"), "{e}");
-        let e = load_from(
-            None,
-            "d",
-            &env(&[("EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT", "many")]),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("publish.max_in_flight"), "{e}");
-        assert!(
-            e.to_string().contains("EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact_url("amqp://host/vh"), "amqp://host/vh");
-        let c = Config::default();
-        assert!(!format!("{c:?}").contains("guest:guest"));
-    }
-
-    #[test]
-    fn durations_print_in_whole_units() {
-        let f = human_duration::format;
-        assert_eq!(f(Duration::from_secs(90 * 86_400)), "90d");
-        assert_eq!(f(Duration::from_secs(7_200)), "2h");
-        assert_eq!(f(Duration::from_secs(90)), "90s");
-        assert_eq!(f(Duration::from_millis(500)), "500ms");
-        let shown = toml::to_string(&Config::default()).unwrap();
-        assert!(shown.contains("failed_retention = \"90d\""), "{shown}");
-        let again = load_from(Some(&shown), "round trip", &[]).unwrap();
-        assert_eq!(
-            again.purge.failed_retention,
-            Duration::from_secs(90 * 86_400)
-        );
-    }
-
-    #[test]
-    fn time_of_day() {
-        assert_eq!(parse_time_of_day("03:00"), Ok(180));
-        assert!(parse_time_of_day("24:00").is_err());
-        assert!(parse_time_of_day("3").is_err());
-    }
 }
