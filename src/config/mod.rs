@@ -9,29 +9,29 @@
 //! Layers, lowest first (docs/configuration.md, "Where it comes from"):
 //! 1. the built-in defaults: the `Default` impls of the sections below;
 //! 2. the file, as a TOML table;
-//! 3. the environment ([`env`]): each variable replaces one key of the table;
+//! 3. the environment (`env.rs`): each variable replaces one key of the table;
 //! 4. deserialization of the merged table into the typed sections
-//!    ([`values`]: file modes, times of day, exchange types, addresses,
+//!    (`values.rs`: file modes, times of day, exchange types, addresses,
 //!    durations, `NonZero*` counts, `Option` for "not set");
-//! 5. the checks types cannot say ([`validate`]).
+//! 5. the checks types cannot say (`validate.rs`).
 //!
-//! Files: `mod.rs` the tree, its defaults and [`load`]; `values.rs` the value
+//! Files: `mod.rs` the tree, its defaults and `load`; `values.rs` the value
 //! types and their serde; `env.rs` the overrides; `validate.rs` the checks.
 //!
 //! Invariants:
 //! - Unknown keys are an error, in the file and in the environment (for the
 //!   known sections): a typo never silently falls back to a default.
-//! - Every error names the key it is about (`publish.max_in_flight: ...`)
-//!   and, when it is not a cross-field check, where the value came from (the
-//!   file or the variable) (docs/configuration.md, "Validation").
+//! - Every error names the key it is about (`publish.max_in_flight: ...`);
+//!   one its type refuses also names where the value came from, the file or
+//!   the variable (docs/configuration.md, "Validation").
 //! - Values are parsed once, here: no component re-parses a string or falls
-//!   back to a default on a bad value. A [`Config`] that left [`load`] is
+//!   back to a default on a bad value. A [`Config`] that left `load` is
 //!   valid; components do not re-check it.
 //! - The syntax users write does not depend on the types: `socket_mode` is
 //!   the string `"0660"`, `""` means "not set", and serializing a [`Config`]
 //!   prints that syntax back (`edge-outbox check-config`).
 //! - Passwords never appear in `Debug` output or error messages
-//!   ([`redact_url`]).
+//!   (`redact_url`).
 
 mod env;
 #[cfg(test)]
@@ -49,9 +49,9 @@ use serde::{Deserialize, Serialize};
 
 use env::apply_env;
 use values::{at_least_one, empty_is_none, human_duration, optional_address};
+pub(crate) use values::{format_duration, redact_url};
 pub use values::{
-    format_duration, redact_url, ExchangeKind, FileMode, HandlerKind, LogFormat, QueueType,
-    Synchronous, TimeOfDay,
+    ExchangeKind, FileMode, HandlerKind, LogFormat, QueueType, Synchronous, TimeOfDay,
 };
 
 /// Environment variable naming the configuration file when `-c` is absent.
@@ -59,7 +59,7 @@ const CONFIG_ENV: &str = "EDGE_OUTBOX_CONFIG";
 
 /// A configuration that cannot be used. Its `Display` names the key.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     #[error("cannot read configuration file {path}: {source}")]
     Read {
         path: PathBuf,

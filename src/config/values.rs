@@ -308,12 +308,12 @@ pub(super) mod human_duration {
 
 /// A duration in the largest whole unit ("90d", "500ms"), as the
 /// configuration writes it.
-pub fn format_duration(d: Duration) -> String {
+pub(crate) fn format_duration(d: Duration) -> String {
     human_duration::format(d)
 }
 
 /// `url` with its password replaced by `***`, for logs, errors and status.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
