@@ -66,10 +66,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
 
     let publish_connector = Connector::new(&config.broker, "publisher")?;
-    let consumer_connector = if config.consumer.queue.is_empty() {
-        None
-    } else {
-        Some(Connector::new(&config.broker, "consumer")?)
+    let consumer_connector = match &config.consumer.queue {
+        Some(queue) => Some((queue.clone(), Connector::new(&config.broker, "consumer")?)),
+        None => None,
     };
     let store = {
         let store_config = config.store.clone();
@@ -86,11 +85,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     // use is a start-up failure, not a task that dies later.
     let listeners = async {
         let socket = SubmitSocket::bind(&config.submit)?;
-        let metrics_server = if config.metrics.listen.is_empty() {
-            None
-        } else {
-            let report = report_source(store.reader().clone(), broker.clone());
-            Some(MetricsServer::bind(&config.metrics.listen, metrics.clone(), report).await?)
+        let metrics_server = match config.metrics.listen {
+            None => None,
+            Some(listen) => {
+                let report = report_source(store.reader().clone(), broker.clone());
+                Some(MetricsServer::bind(listen, metrics.clone(), report).await?)
+            }
         };
         Ok::<_, AppError>((socket, metrics_server))
     };
@@ -104,7 +104,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     tracing::info!(
         socket = %socket.path().display(),
         database = %config.store.path.display(),
-        metrics = %config.metrics.listen,
+        metrics = %config.metrics.listen.map(|a| a.to_string()).unwrap_or_default(),
         version = env!("CARGO_PKG_VERSION"),
         "edge-outbox ready"
     );
@@ -153,8 +153,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     let purge = Purge::new(config.purge.clone(), store.clone());
     spawn(&mut tasks, "purge", purge.run(shutdown.clone()));
-    if let Some(connector) = consumer_connector {
+    if let Some((queue, connector)) = consumer_connector {
         let consumer = Consumer::new(
+            queue,
             config.consumer.clone(),
             connector,
             store.clone(),

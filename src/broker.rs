@@ -68,21 +68,21 @@ fn read_tls_file(key: &'static str, path: &std::path::Path) -> Result<Vec<u8>, B
 /// The TLS settings of `[broker]`: `tls_ca_file` (else the system's CAs),
 /// and a client certificate when both `tls_cert_file` and `tls_key_file` are set.
 fn tls_config(config: &BrokerConfig) -> Result<OwnedTLSConfig, BrokerError> {
-    let set = |p: &std::path::Path| !p.as_os_str().is_empty();
-    let cert_chain = if set(&config.tls_ca_file) {
-        let pem = read_tls_file("broker.tls_ca_file", &config.tls_ca_file)?;
+    let cert_chain = if let Some(ca_file) = &config.tls_ca_file {
+        let pem = read_tls_file("broker.tls_ca_file", ca_file)?;
         Some(String::from_utf8_lossy(&pem).into_owned())
     } else {
         None
     };
-    let identity = if set(&config.tls_cert_file) && set(&config.tls_key_file) {
-        Some(OwnedIdentity::PKCS8 {
-            pem: read_tls_file("broker.tls_cert_file", &config.tls_cert_file)?,
-            key: read_tls_file("broker.tls_key_file", &config.tls_key_file)?,
-        })
-    } else {
-        None
-    };
+    let identity =
+        if let (Some(cert_file), Some(key_file)) = (&config.tls_cert_file, &config.tls_key_file) {
+            Some(OwnedIdentity::PKCS8 {
+                pem: read_tls_file("broker.tls_cert_file", cert_file)?,
+                key: read_tls_file("broker.tls_key_file", key_file)?,
+            })
+        } else {
+            None
+        };
     Ok(OwnedTLSConfig {
         identity,
         cert_chain,
@@ -91,16 +91,17 @@ fn tls_config(config: &BrokerConfig) -> Result<OwnedTLSConfig, BrokerError> {
 
 /// Parses `broker.urls`, applies `broker.password_file` and `broker.heartbeat`.
 pub fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>, BrokerError> {
-    let password = if config.password_file.as_os_str().is_empty() {
-        None
-    } else {
-        let text = std::fs::read_to_string(&config.password_file).map_err(|source| {
-            BrokerError::PasswordFile {
-                path: config.password_file.clone(),
-                source,
-            }
-        })?;
-        Some(text.trim_end_matches(['\r', '\n']).to_string())
+    let password = match &config.password_file {
+        None => None,
+        Some(password_file) => {
+            let text = std::fs::read_to_string(password_file).map_err(|source| {
+                BrokerError::PasswordFile {
+                    path: password_file.clone(),
+                    source,
+                }
+            })?;
+            Some(text.trim_end_matches(['\r', '\n']).to_string())
+        }
     };
     config
         .urls
@@ -262,7 +263,7 @@ mod tests {
         std::fs::write(&file, "s3cret\n").unwrap();
         let config = BrokerConfig {
             urls: vec!["amqp://user:old@host:5672/%2f".into()],
-            password_file: file,
+            password_file: Some(file),
             ..BrokerConfig::default()
         };
         let targets = broker_targets(&config).unwrap();

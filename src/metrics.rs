@@ -278,7 +278,7 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     pub async fn bind(
-        addr: &str,
+        addr: SocketAddr,
         metrics: Arc<Metrics>,
         report: ReportSource,
     ) -> Result<MetricsServer, MetricsError> {
@@ -286,13 +286,7 @@ impl MetricsServer {
             addr: addr.to_string(),
             source,
         };
-        let parsed: SocketAddr = addr.parse().map_err(|_| {
-            bind_error(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not an address",
-            ))
-        })?;
-        let listener = tokio::net::TcpListener::bind(parsed)
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(bind_error)?;
         Ok(MetricsServer {

@@ -204,7 +204,7 @@ impl Forwarder {
 
     fn policy(&self) -> RetryPolicy {
         RetryPolicy {
-            max_attempts: self.config.max_attempts,
+            max_attempts: self.config.max_attempts.get(),
             retry_interval_ms: i64::try_from(self.config.retry_interval.as_millis())
                 .unwrap_or(i64::MAX),
         }
@@ -338,8 +338,9 @@ impl Forwarder {
                 s.in_flight = in_flight as u64;
                 s.blocked = blocked;
             });
-            let can_publish =
-                in_flight < self.config.max_in_flight && !blocked && !self.backlog.exhausted();
+            let can_publish = in_flight < self.config.max_in_flight.get()
+                && !blocked
+                && !self.backlog.exhausted();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {

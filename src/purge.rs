@@ -16,10 +16,10 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Local, NaiveTime, TimeZone};
+use chrono::{DateTime, Local, TimeZone};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{parse_time_of_day, PurgeConfig};
+use crate::config::{PurgeConfig, TimeOfDay};
 use crate::store::{now_ms, Admin, PurgeCutoffs, Reader, StatusCounts, Store, StoreError};
 
 /// The CLI's pause between batches (it shares the database with the agent).
@@ -67,11 +67,11 @@ impl Purge {
         loop {
             let deleted = self
                 .store
-                .purge_batch(cutoffs, self.config.batch_size)
+                .purge_batch(cutoffs, self.config.batch_size.get())
                 .await?;
             report.deleted = report.deleted.plus(deleted);
             report.batches += 1;
-            if deleted.total() < u64::from(self.config.batch_size) {
+            if deleted.total() < u64::from(self.config.batch_size.get()) {
                 return Ok(report);
             }
         }
@@ -80,7 +80,7 @@ impl Purge {
     /// Purges daily at `purge.at`, local time, until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), PurgeError> {
         loop {
-            let wait = until_next(&self.config.at, Local::now());
+            let wait = until_next(self.config.at, Local::now());
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(wait) => {}
@@ -99,11 +99,10 @@ impl Purge {
     }
 }
 
-/// Time from `now` to the next `at` ("HH:MM", local). A time that does not
+/// Time from `now` to the next `at` (local). A time that does not
 /// exist today (a DST gap) falls back to the next hour.
-pub fn until_next<Tz: TimeZone>(at: &str, now: DateTime<Tz>) -> Duration {
-    let minutes = parse_time_of_day(at).unwrap_or(180);
-    let time = NaiveTime::from_hms_opt(minutes / 60, minutes % 60, 0).unwrap_or(NaiveTime::MIN);
+pub fn until_next<Tz: TimeZone>(at: TimeOfDay, now: DateTime<Tz>) -> Duration {
+    let time = at.time();
     let tz = now.timezone();
     let mut day = now.date_naive();
     for _ in 0..3 {
@@ -140,11 +139,11 @@ pub fn purge_database(
     let mut admin = Admin::open(path)?;
     let mut report = PurgeReport::default();
     loop {
-        let deleted = admin.purge_batch(cutoffs, config.batch_size)?;
+        let deleted = admin.purge_batch(cutoffs, config.batch_size.get())?;
         admin.reclaim()?;
         report.deleted = report.deleted.plus(deleted);
         report.batches += 1;
-        if deleted.total() < u64::from(config.batch_size) {
+        if deleted.total() < u64::from(config.batch_size.get()) {
             break;
         }
         // Let a running agent's writer take the lock between batches, so
@@ -159,15 +158,19 @@ mod tests {
     use super::*;
     use chrono::{FixedOffset, Utc};
 
+    fn at(text: &str) -> TimeOfDay {
+        text.parse().unwrap()
+    }
+
     #[test]
     fn next_run_is_later_today_or_tomorrow() {
         let tz = FixedOffset::east_opt(3600).unwrap();
         let now = tz.with_ymd_and_hms(2026, 11, 27, 2, 0, 0).unwrap();
-        assert_eq!(until_next("03:00", now), Duration::from_secs(3600));
+        assert_eq!(until_next(at("03:00"), now), Duration::from_secs(3600));
         let now = tz.with_ymd_and_hms(2026, 11, 27, 3, 0, 0).unwrap();
-        assert_eq!(until_next("03:00", now), Duration::from_secs(86_400));
+        assert_eq!(until_next(at("03:00"), now), Duration::from_secs(86_400));
         let now = Utc.with_ymd_and_hms(2026, 11, 27, 23, 59, 0).unwrap();
-        assert_eq!(until_next("00:00", now), Duration::from_secs(60));
+        assert_eq!(until_next(at("00:00"), now), Duration::from_secs(60));
     }
 
     #[test]

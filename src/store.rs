@@ -508,7 +508,7 @@ impl Store {
         let lock = lock_database(&path)?;
         let conn = open_writer_connection(&path, config.synchronous)?;
         let limits = Limits {
-            max_pending: config.max_pending,
+            max_pending: config.max_pending.get(),
             max_db_size: config.max_db_size.as_u64(),
             min_free_disk: config.min_free_disk.as_u64(),
         };
@@ -1476,7 +1476,7 @@ mod tests {
     async fn max_pending_refuses_without_evicting() {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path());
-        cfg.max_pending = 2;
+        cfg.max_pending = std::num::NonZeroU64::new(2).unwrap();
         let store = Store::open(&cfg).unwrap();
         store.insert(message("1", b"x")).await.unwrap();
         store.insert(message("2", b"x")).await.unwrap();

@@ -52,6 +52,8 @@ const SHUTDOWN_HANDLER_WAIT: Duration = Duration::from_secs(8);
 
 /// The consumer task.
 pub struct Consumer {
+    /// `consumer.queue`: set, or there would be no consumer.
+    queue: String,
     config: ConsumerConfig,
     connector: Connector,
     store: Store,
@@ -88,6 +90,7 @@ struct Session {
 
 impl Consumer {
     pub fn new(
+        queue: String,
         config: ConsumerConfig,
         connector: Connector,
         store: Store,
@@ -95,6 +98,7 @@ impl Consumer {
     ) -> Consumer {
         let handler = Arc::new(Handler::from_config(&config));
         Consumer {
+            queue,
             config,
             connector,
             store,
@@ -149,7 +153,7 @@ impl Consumer {
         .await;
         match setup {
             Ok(Ok((channel, consumer, tag))) => {
-                tracing::info!(broker = %connected.url, queue = %self.config.queue, "consuming");
+                tracing::info!(broker = %connected.url, queue = %self.queue, "consuming");
                 Link::Up(Box::new(Session {
                     connection: connected.connection,
                     channel,
@@ -161,7 +165,7 @@ impl Consumer {
                 let refused = matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406);
                 let _ = connected.connection.close(200, "setup failed".into()).await;
                 if refused {
-                    tracing::error!(queue = %self.config.queue, error = %e,
+                    tracing::error!(queue = %self.queue, error = %e,
                         "the broker refused the consumer's declarations (406: the queue or exchange exists with other arguments); fix the broker or the [consumer] configuration");
                     let failure = connected.failure(format!("declaration refused: {e}"));
                     return self.failed(failure, failures, Some(DECLARE_RETRY));
@@ -191,11 +195,11 @@ impl Consumer {
         connection: &Connection,
     ) -> lapin::Result<(Channel, lapin::Consumer, String)> {
         let channel = connection.create_channel().await?;
-        topology::declare(&channel, &self.config).await?;
+        topology::declare(&channel, &self.queue, &self.config).await?;
         let tag = format!("edge-outbox-{}", uuid::Uuid::now_v7().simple());
         let consumer = channel
             .basic_consume(
-                self.config.queue.as_str().into(),
+                self.queue.as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -246,7 +250,7 @@ impl Consumer {
                     Some(Ok(delivery)) => {
                         let store = self.store.clone();
                         let handler = self.handler.clone();
-                        let max_attempts = self.config.max_attempts;
+                        let max_attempts = self.config.max_attempts.get();
                         let metrics = self.metrics.clone();
                         let in_flight = in_flight.clone();
                         running.spawn(handle(delivery, store, handler, max_attempts, metrics, in_flight));

@@ -26,7 +26,11 @@ use crate::config::{ConsumerConfig, QueueType};
 
 /// Declares the dead-letter exchange, the bindings' exchanges, the queue
 /// and its bindings, and sets the prefetch, on `channel`.
-pub(crate) async fn declare(channel: &Channel, c: &ConsumerConfig) -> lapin::Result<()> {
+pub(crate) async fn declare(
+    channel: &Channel,
+    queue: &str,
+    c: &ConsumerConfig,
+) -> lapin::Result<()> {
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -38,10 +42,10 @@ pub(crate) async fn declare(channel: &Channel, c: &ConsumerConfig) -> lapin::Res
             AMQPValue::LongString("quorum".into()),
         );
     }
-    if !c.dead_letter_exchange.is_empty() {
+    if let Some(dead_letter_exchange) = &c.dead_letter_exchange {
         channel
             .exchange_declare(
-                c.dead_letter_exchange.as_str().into(),
+                dead_letter_exchange.as_str().into(),
                 ExchangeKind::Fanout,
                 durable,
                 FieldTable::default(),
@@ -49,7 +53,7 @@ pub(crate) async fn declare(channel: &Channel, c: &ConsumerConfig) -> lapin::Res
             .await?;
         arguments.insert(
             "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(c.dead_letter_exchange.as_str().into()),
+            AMQPValue::LongString(dead_letter_exchange.as_str().into()),
         );
     }
     for binding in &c.bindings {
@@ -57,7 +61,7 @@ pub(crate) async fn declare(channel: &Channel, c: &ConsumerConfig) -> lapin::Res
             channel
                 .exchange_declare(
                     binding.exchange.as_str().into(),
-                    exchange_kind(&binding.exchange_type),
+                    binding.exchange_type.into(),
                     durable,
                     FieldTable::default(),
                 )
@@ -66,7 +70,7 @@ pub(crate) async fn declare(channel: &Channel, c: &ConsumerConfig) -> lapin::Res
     }
     channel
         .queue_declare(
-            c.queue.as_str().into(),
+            queue.into(),
             QueueDeclareOptions {
                 durable: true,
                 ..QueueDeclareOptions::default()
@@ -77,7 +81,7 @@ pub(crate) async fn declare(channel: &Channel, c: &ConsumerConfig) -> lapin::Res
     for binding in c.bindings.iter().filter(|b| !b.exchange.is_empty()) {
         channel
             .queue_bind(
-                c.queue.as_str().into(),
+                queue.into(),
                 binding.exchange.as_str().into(),
                 binding.routing_key.as_str().into(),
                 QueueBindOptions::default(),
@@ -86,17 +90,6 @@ pub(crate) async fn declare(channel: &Channel, c: &ConsumerConfig) -> lapin::Res
             .await?;
     }
     channel
-        .basic_qos(c.prefetch, BasicQosOptions::default())
+        .basic_qos(c.prefetch.get(), BasicQosOptions::default())
         .await
-}
-
-/// A binding's `exchange_type` as lapin's kind (validated by the
-/// configuration; anything else is `direct`, the configuration's default).
-fn exchange_kind(kind: &str) -> ExchangeKind {
-    match kind {
-        "fanout" => ExchangeKind::Fanout,
-        "topic" => ExchangeKind::Topic,
-        "headers" => ExchangeKind::Headers,
-        _ => ExchangeKind::Direct,
-    }
 }

@@ -108,7 +108,7 @@ impl SubmitSocket {
         let listener = UnixListener::bind(&path).map_err(bind_error)?;
         std::fs::set_permissions(
             &path,
-            std::fs::Permissions::from_mode(config.socket_mode_bits()),
+            std::fs::Permissions::from_mode(config.socket_mode.bits()),
         )
         .map_err(bind_error)?;
         Ok(SubmitSocket { listener, path })
@@ -160,7 +160,7 @@ impl SubmitServer {
     /// the connections to answer what they read.
     pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), SubmitError> {
         let SubmitServer { socket, shared } = self;
-        let slots = Arc::new(Semaphore::new(shared.config.max_connections));
+        let slots = Arc::new(Semaphore::new(shared.config.max_connections.get()));
         let connections = TaskTracker::new();
         let result = loop {
             let accepted = tokio::select! {

@@ -1,0 +1,153 @@
+//! The checks of a deserialized configuration that its types do not make:
+//! bounds on paths, sizes and durations, the broker URLs, a key another key
+//! requires (docs/configuration.md, "Keys").
+//!
+//! Role: the last step of [`super::load`]. What a type can say (a count of
+//! at least 1, a file mode, a time of day, an address, an exchange type) is
+//! refused earlier, at deserialization ([`super::values`]); what is left is
+//! here.
+//!
+//! Invariants:
+//! - Every error names its key, with the same words as the table of
+//!   docs/configuration.md ("must be more than 0").
+//! - A URL in an error is redacted ([`redact_url`]).
+
+use super::{
+    invalid, redact_url, BrokerConfig, Config, ConfigError, ConsumerConfig, HandlerKind,
+    PublishConfig, SubmitConfig,
+};
+
+impl Config {
+    /// Checks what types alone cannot say; every error names its key.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", "must not be empty"));
+        }
+        validate_submit(&self.submit)?;
+        validate_broker(&self.broker)?;
+        validate_publish(&self.publish)?;
+        validate_consumer(&self.consumer)?;
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!(
+                    "{:?} is not a level (error, warn, info, debug, trace) or filter",
+                    self.log.level
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn validate_submit(s: &SubmitConfig) -> Result<(), ConfigError> {
+    if s.socket.as_os_str().is_empty() {
+        return Err(invalid("submit.socket", "must not be empty"));
+    }
+    // sun_path holds 108 bytes including the terminating NUL.
+    if s.socket.as_os_str().len() > 107 {
+        return Err(invalid(
+            "submit.socket",
+            "path is longer than the 107 bytes a Unix socket path may have",
+        ));
+    }
+    if s.max_message_size.as_u64() == 0 {
+        return Err(invalid(
+            "submit.max_message_size",
+            "must be at least 1 byte",
+        ));
+    }
+    if s.max_message_size.as_u64() > 128 * 1024 * 1024 {
+        return Err(invalid(
+            "submit.max_message_size",
+            "must be at most 128MiB (RabbitMQ's own limit is lower: 16MiB by default)",
+        ));
+    }
+    if s.idle_timeout.is_zero() {
+        return Err(invalid("submit.idle_timeout", "must be more than 0"));
+    }
+    Ok(())
+}
+
+fn validate_broker(b: &BrokerConfig) -> Result<(), ConfigError> {
+    if b.urls.is_empty() {
+        return Err(invalid("broker.urls", "must name at least one broker"));
+    }
+    for (i, url) in b.urls.iter().enumerate() {
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(invalid(
+                &format!("broker.urls[{i}]"),
+                format!("{} is not an amqp:// or amqps:// URL", redact_url(url)),
+            ));
+        }
+        if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+            return Err(invalid(
+                &format!("broker.urls[{i}]"),
+                format!("{}: {e}", redact_url(url)),
+            ));
+        }
+    }
+    if b.heartbeat.as_secs() > u64::from(u16::MAX) {
+        return Err(invalid("broker.heartbeat", "must be at most 65535s"));
+    }
+    if b.connect_timeout.is_zero() {
+        return Err(invalid("broker.connect_timeout", "must be more than 0"));
+    }
+    Ok(())
+}
+
+fn validate_publish(p: &PublishConfig) -> Result<(), ConfigError> {
+    if p.confirm_timeout.is_zero() {
+        return Err(invalid("publish.confirm_timeout", "must be more than 0"));
+    }
+    if p.resend_every.is_zero() {
+        return Err(invalid("publish.resend_every", "must be more than 0"));
+    }
+    Ok(())
+}
+
+fn validate_consumer(c: &ConsumerConfig) -> Result<(), ConfigError> {
+    if c.handler == HandlerKind::Exec && c.exec.is_empty() {
+        return Err(invalid(
+            "consumer.exec",
+            "handler = \"exec\" needs the command to run, e.g. [\"/usr/bin/handler\", \"--flag\"]",
+        ));
+    }
+    if c.handler_timeout.is_zero() {
+        return Err(invalid("consumer.handler_timeout", "must be more than 0"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::load_from;
+
+    fn refused(text: &str) -> String {
+        match load_from(Some(text), "f", &[]) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn what_types_cannot_say_is_checked_by_key() {
+        let e = refused("[store]\npath = \"\"\n");
+        assert_eq!(e, "store.path: must not be empty");
+        let e = refused(&format!("[submit]\nsocket = \"/{}\"\n", "s".repeat(107)));
+        assert!(e.starts_with("submit.socket: path is longer"), "{e}");
+        let e = refused("[submit]\nmax_message_size = \"200MiB\"\n");
+        assert!(e.starts_with("submit.max_message_size"), "{e}");
+        let e = refused("[broker]\nurls = [\"http://u:secret@h\"]\n");
+        assert!(e.starts_with("broker.urls[0]"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        let e = refused("[broker]\nurls = []\n");
+        assert!(e.starts_with("broker.urls"), "{e}");
+        let e = refused("[publish]\nresend_every = \"0s\"\n");
+        assert_eq!(e, "publish.resend_every: must be more than 0");
+        let e = refused("[consumer]\nhandler = \"exec\"\n");
+        assert!(e.starts_with("consumer.exec"), "{e}");
+        let e = refused("[log]\nlevel = \"[[\"\n");
+        assert!(e.starts_with("log.level"), "{e}");
+    }
+}
