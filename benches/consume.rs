@@ -7,7 +7,7 @@
 //!    database — timed from connecting until every message is acked;
 //! 2. the agent: the release binary with `[consumer] handler = "record"`,
 //!    prefetch 100, on the pre-filled queue — timed from its start until
-//!    every message is a status-3 row (each committed before its ack).
+//!    every message is a consumed row (each committed before its ack).
 //!
 //! The plain consumer runs twice, before and after the agent, on queues of
 //! its own (the broker's state drifts on a shared machine); the ratio uses
@@ -19,16 +19,18 @@
 //! prefetch of both (default 100), `BENCH_SYNCHRONOUS` the agent's
 //! `store.synchronous` (default "full", the agent's default).
 
-mod common;
-
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{connect, delete_queue, publish_confirmed, BODY, URL};
+use edge_outbox_testkit::amqp::{connect, delete_queue};
+use edge_outbox_testkit::bench::{publish_confirmed, BODY};
+use edge_outbox_testkit::{broker, toml_str, Agent, Status};
 use futures_util::stream::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+
+/// The binary measured.
+const BIN: &str = env!("CARGO_BIN_EXE_edge-outbox");
 
 /// Outstanding confirms of the pre-fill publisher.
 const WINDOW: usize = 1024;
@@ -48,6 +50,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let url = broker::default_url();
     let suffix = uuid::Uuid::now_v7().simple().to_string();
     let plain_queues = [
         format!("bench-consume-plain1-{suffix}"),
@@ -61,7 +64,7 @@ fn main() {
         (&plain_queues[1], "plain2"),
     ] {
         let t = Instant::now();
-        runtime.block_on(prefill(queue, prefix, messages));
+        runtime.block_on(prefill(&url, queue, prefix, messages));
         println!(
             "pre-filled {queue}: {messages} messages in {:.1} s",
             t.elapsed().as_secs_f64()
@@ -69,8 +72,8 @@ fn main() {
     }
 
     let plain = |queue: &str, run: u32| {
-        let rate = runtime.block_on(plain_consumer(queue, messages, prefetch));
-        runtime.block_on(delete_queue(queue));
+        let rate = runtime.block_on(plain_consumer(&url, queue, messages, prefetch));
+        runtime.block_on(delete_queue(&url, queue));
         println!(
             "plain lapin consumer (manual acks, prefetch {prefetch}), run {run}: \
              {messages} messages, {rate:.0} msg/s"
@@ -79,8 +82,8 @@ fn main() {
     };
     let first = plain(&plain_queues[0], 1);
 
-    let agent_rate = agent_consumer(&agent_queue, messages, prefetch, &synchronous);
-    runtime.block_on(delete_queue(&agent_queue));
+    let agent_rate = agent_consumer(&url, &agent_queue, messages, prefetch, &synchronous);
+    runtime.block_on(delete_queue(&url, &agent_queue));
     println!(
         "edge-outbox consumer (record handler, prefetch {prefetch}, synchronous={synchronous}): \
          {messages} messages, {agent_rate:.0} msg/s"
@@ -96,15 +99,15 @@ fn main() {
 
 /// Declares `queue` (durable classic) and fills it with `messages` persistent
 /// 512-byte messages with ids `{prefix}-{i}`, pipelining confirms.
-async fn prefill(queue: &str, prefix: &str, messages: usize) {
-    publish_confirmed(queue, prefix, messages, WINDOW).await;
+async fn prefill(url: &str, queue: &str, prefix: &str, messages: usize) {
+    publish_confirmed(url, queue, prefix, messages, WINDOW).await;
 }
 
 /// Consumes `messages` from `queue` with manual acks; returns messages/s,
 /// from connecting to the last ack.
-async fn plain_consumer(queue: &str, messages: usize, prefetch: u16) -> f64 {
+async fn plain_consumer(url: &str, queue: &str, messages: usize, prefetch: u16) -> f64 {
     let start = Instant::now();
-    let conn = connect().await;
+    let conn = connect(url).await;
     let channel = conn.create_channel().await.expect("channel");
     channel
         .basic_qos(prefetch, BasicQosOptions::default())
@@ -137,74 +140,61 @@ async fn plain_consumer(queue: &str, messages: usize, prefetch: u16) -> f64 {
 }
 
 /// Starts the agent consuming `queue` with the `record` handler; returns
-/// messages/s from its start until `messages` rows are status 3.
-fn agent_consumer(queue: &str, messages: usize, prefetch: u16, synchronous: &str) -> f64 {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("bench.db");
-    let log = dir.path().join("agent.log");
-    let config = dir.path().join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[store]\npath = {:?}\nsynchronous = {synchronous:?}\n\
-             [submit]\nsocket = {:?}\n\
-             [broker]\nurls = [{URL:?}]\n\
-             [consumer]\nqueue = {queue:?}\nprefetch = {prefetch}\nhandler = \"record\"\n",
-            db.display().to_string(),
-            dir.path().join("s.sock").display().to_string(),
-        ),
-    )
-    .expect("config");
-    let log_file = std::fs::File::create(&log).expect("log file");
+/// messages/s from its start until `messages` rows are consumed.
+fn agent_consumer(
+    url: &str,
+    queue: &str,
+    messages: usize,
+    prefetch: u16,
+    synchronous: &str,
+) -> f64 {
+    let mut agent = Agent::builder(BIN)
+        .set_str("store", "synchronous", synchronous)
+        .set("broker", "urls", format!("[{}]", toml_str(url)))
+        .set_str("consumer", "queue", queue)
+        .set("consumer", "prefetch", prefetch.to_string())
+        .set_str("consumer", "handler", "record")
+        .prepare();
     let start = Instant::now();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
-        .args(["run", "-c"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("start the agent");
+    agent.restart();
     let deadline = start + Duration::from_secs(900);
     let mut reader = None;
     loop {
-        if reader.is_none() && db.exists() {
-            reader = open_reader(&db);
+        if reader.is_none() && agent.db.exists() {
+            reader = open_reader(&agent.db);
         }
         let consumed: i64 = reader
             .as_ref()
             .and_then(|r: &rusqlite::Connection| {
-                r.query_row("SELECT COUNT(*) FROM msg_log WHERE status = 3", [], |r| {
-                    r.get(0)
-                })
+                r.query_row(
+                    "SELECT COUNT(*) FROM msg_log WHERE status = ?1",
+                    [Status::Consumed as i64],
+                    |r| r.get(0),
+                )
                 .ok()
             })
             .unwrap_or(0);
         if consumed as usize >= messages {
             break;
         }
-        if Instant::now() > deadline || matches!(agent.try_wait(), Ok(Some(_))) {
-            let _ = agent.kill();
-            let _ = agent.wait();
+        if Instant::now() > deadline || !agent.is_running() {
             panic!(
                 "the agent consumed {consumed} of {messages} in {:?}; its log:\n{}",
                 start.elapsed(),
-                std::fs::read_to_string(&log).unwrap_or_default()
+                agent.log_text()
             );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let rate = messages as f64 / start.elapsed().as_secs_f64();
-    if let Some(cpu) = cpu_seconds(agent.id()) {
+    if let Some(cpu) = cpu_seconds(agent.pid()) {
         println!(
             "edge-outbox CPU: {cpu:.2} s user+system ({:.0} µs per message)",
             cpu * 1e6 / messages as f64
         );
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status();
-    let _ = agent.wait();
+    agent.terminate();
+    agent.wait_exit(Duration::from_secs(60));
     rate
 }
 

@@ -5,19 +5,22 @@
 //! 1. baseline: a plain lapin publisher with pipelined confirms (window 256),
 //!    no database;
 //! 2. the agent: a database pre-filled with the backlog, the release binary
-//!    started on it, timed until every row is status 1 (confirmed).
+//!    started on it, timed until every row is delivered (confirmed).
 //!
 //! Prints both rates and the ratio (target: agent ≥ 70% of plain).
 //! Run with `scripts/bench-forward` (or `cargo bench --bench forward`);
 //! `BENCH_MESSAGES` sets the message count (default 100000).
 
-mod common;
-
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{declare_queue, delete_queue, publish_confirmed, BODY, URL};
+use edge_outbox::store::now_ms;
+use edge_outbox_testkit::amqp::{declare_queue, delete_queue};
+use edge_outbox_testkit::bench::{publish_confirmed, BODY};
+use edge_outbox_testkit::prefill::{prefill_database, PrefillRow};
+use edge_outbox_testkit::{broker, toml_str, Agent, Status};
 
+/// The binary measured.
+const BIN: &str = env!("CARGO_BIN_EXE_edge-outbox");
 const WINDOW: usize = 256;
 
 fn main() {
@@ -29,17 +32,18 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let url = broker::default_url();
     let suffix = uuid::Uuid::now_v7().simple().to_string();
     let plain_queue = format!("bench-plain-{suffix}");
     let agent_queue = format!("bench-agent-{suffix}");
 
-    let plain_rate = runtime.block_on(plain_publisher(&plain_queue, messages));
-    runtime.block_on(delete_queue(&plain_queue));
+    let plain_rate = runtime.block_on(plain_publisher(&url, &plain_queue, messages));
+    runtime.block_on(delete_queue(&url, &plain_queue));
     println!("plain lapin publisher: {messages} messages, {plain_rate:.0} msg/s");
 
-    runtime.block_on(declare_queue(&agent_queue));
-    let agent_rate = agent_drain(&agent_queue, messages);
-    runtime.block_on(delete_queue(&agent_queue));
+    runtime.block_on(declare_queue(&url, &agent_queue));
+    let agent_rate = agent_drain(&url, &agent_queue, messages);
+    runtime.block_on(delete_queue(&url, &agent_queue));
     println!("edge-outbox draining a backlog: {messages} messages, {agent_rate:.0} msg/s");
     println!(
         "ratio agent/plain: {:.2} (target >= 0.70)",
@@ -47,42 +51,41 @@ fn main() {
     );
 }
 
-async fn plain_publisher(queue: &str, messages: usize) -> f64 {
-    let elapsed = publish_confirmed(queue, "plain", messages, WINDOW).await;
+async fn plain_publisher(url: &str, queue: &str, messages: usize) -> f64 {
+    let elapsed = publish_confirmed(url, queue, "plain", messages, WINDOW).await;
     messages as f64 / elapsed.as_secs_f64()
 }
 
-fn agent_drain(queue: &str, messages: usize) -> f64 {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("bench.db");
-    prefill(&db, queue, messages);
-    let config = dir.path().join("bench.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[store]\npath = {:?}\n[submit]\nsocket = {:?}\n[broker]\nurls = [{URL:?}]\n",
-            db.display().to_string(),
-            dir.path().join("s.sock").display().to_string()
-        ),
-    )
-    .expect("config");
+/// Prefills a database with `messages` delivering rows routed to `queue`
+/// (the way the agent would have stored them), starts the agent on it and
+/// times it until every row is delivered; returns messages/s.
+fn agent_drain(url: &str, queue: &str, messages: usize) -> f64 {
+    let mut agent = Agent::builder(BIN)
+        .set("broker", "urls", format!("[{}]", toml_str(url)))
+        .prepare();
+    let now = now_ms();
+    prefill_database(&agent.db, messages as i64, BODY, |i| PrefillRow {
+        id: format!("agent-{i}"),
+        status: Status::Delivering,
+        routing_key: queue.to_owned(),
+        create_time: now,
+        next_try_time: Some(now),
+    });
     let start = Instant::now();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_edge-outbox"))
-        .args(["run", "-c"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the agent");
-    let reader =
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("open db");
+    agent.restart();
+    let reader = rusqlite::Connection::open_with_flags(
+        &agent.db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open db");
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let delivered: i64 = reader
-            .query_row("SELECT COUNT(*) FROM msg_log WHERE status = 1", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT COUNT(*) FROM msg_log WHERE status = ?1",
+                [Status::Delivered as i64],
+                |r| r.get(0),
+            )
             .unwrap_or(0);
         if delivered as usize >= messages {
             break;
@@ -91,43 +94,7 @@ fn agent_drain(queue: &str, messages: usize) -> f64 {
         std::thread::sleep(Duration::from_millis(20));
     }
     let rate = messages as f64 / start.elapsed().as_secs_f64();
-    let _ = Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status();
-    let _ = agent.wait();
+    agent.terminate();
+    agent.wait_exit(Duration::from_secs(60));
     rate
-}
-
-/// Writes `messages` status-0 rows the way the agent would have stored them.
-fn prefill(db: &std::path::Path, queue: &str, messages: usize) {
-    let mut conn = rusqlite::Connection::open(db).expect("create db");
-    conn.execute_batch(
-        "PRAGMA auto_vacuum = INCREMENTAL; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
-    )
-    .expect("pragmas");
-    conn.execute_batch(include_str!("../schema.sql"))
-        .expect("schema");
-    conn.execute_batch(&format!(
-        "PRAGMA user_version = {}",
-        edge_outbox::store::SCHEMA_VERSION
-    ))
-    .expect("version");
-    let body = "x".repeat(BODY);
-    let now = edge_outbox::store::now_ms();
-    let tx = conn.transaction().expect("tx");
-    {
-        let mut insert = tx
-            .prepare(
-                "INSERT INTO msg_log (id, msg, exchange, routing_key, status, try_count, \
-                 next_try_time, create_time, update_time, content_type) \
-                 VALUES (?1, ?2, '', ?3, 0, 0, ?4, ?4, ?4, 'text/plain')",
-            )
-            .expect("prepare");
-        for i in 0..messages {
-            insert
-                .execute(rusqlite::params![format!("agent-{i}"), body, queue, now])
-                .expect("insert");
-        }
-    }
-    tx.commit().expect("commit");
 }

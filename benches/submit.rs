@@ -3,8 +3,8 @@
 //! `cargo bench --bench submit` (or `scripts/bench-submit`) measures, in one
 //! run, in one temp dir under `target/tmp` (the repository's filesystem):
 //!
-//! 1. `raw_batched`: rusqlite inserts into the repository's `schema.sql`
-//!    table, `journal_mode=WAL`, `synchronous=FULL`, 1,000 rows per
+//! 1. `raw_batched`: rusqlite inserts into the agent's `msg_log` table
+//!    (its own schema code), `journal_mode=WAL`, `synchronous=FULL`, 1,000 rows per
 //!    transaction, 512-byte payloads (the ceiling for durable inserts here);
 //! 2. `raw_one_commit`: the same with one transaction (one fsync) per row
 //!    (what a store without group commit can do);
@@ -20,34 +20,30 @@
 //! `BENCH_AGENT_ROWS`, `BENCH_CLIENTS`, `BENCH_WINDOW`, `BENCH_PAYLOAD`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edge_outbox::store::now_ms;
+use edge_outbox_testkit::prefill::create_schema;
+use edge_outbox_testkit::{Agent, Status};
 use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 
-const SCHEMA: &str = include_str!("../schema.sql");
+/// The binary measured.
 const BIN: &str = env!("CARGO_BIN_EXE_edge-outbox");
-/// The agent's own INSERT (src/store.rs), so the raw runs do the same work.
+/// The agent's own INSERT (the store's write SQL), so the raw runs do the
+/// same work.
 const INSERT: &str = "INSERT INTO msg_log (id, msg, exchange, routing_key, status, try_count, \
      next_try_time, create_time, update_time, headers, content_type) \
-     VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, ?5, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING";
+     VALUES (?1, ?2, ?3, ?4, ?8, 0, ?5, ?5, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING";
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.replace('_', "").parse().ok())
         .unwrap_or(default)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// A database set up like the agent's: incremental auto-vacuum, WAL, FULL.
@@ -65,7 +61,7 @@ fn open_like_the_agent(path: &Path) -> Connection {
         .query_row("PRAGMA synchronous", [], |r| r.get(0))
         .expect("synchronous");
     assert_eq!(sync, 2, "synchronous is not FULL");
-    conn.execute_batch(SCHEMA).expect("schema");
+    create_schema(&conn);
     conn
 }
 
@@ -92,7 +88,8 @@ fn raw_inserts(path: &Path, rows: usize, per_tx: usize, payload: &str) -> f64 {
                         "rk",
                         now,
                         None::<String>,
-                        "text/plain; charset=utf-8"
+                        "text/plain; charset=utf-8",
+                        Status::Delivering as i64
                     ])
                     .expect("insert");
                 assert_eq!(inserted, 1);
@@ -107,95 +104,6 @@ fn raw_inserts(path: &Path, rows: usize, per_tx: usize, payload: &str) -> f64 {
         .expect("count");
     assert_eq!(count as usize, rows);
     rows as f64 / elapsed.as_secs_f64()
-}
-
-struct AgentProcess {
-    child: Child,
-    socket: PathBuf,
-    db: PathBuf,
-    log: PathBuf,
-}
-
-impl AgentProcess {
-    fn start(dir: &Path) -> AgentProcess {
-        let socket = dir.join("s.sock");
-        let db = dir.join("agent.db");
-        let log = dir.join("agent.log");
-        let config = dir.join("agent.toml");
-        let text = format!(
-            "[store]\npath = {}\n\n[submit]\nsocket = {}\n\n[broker]\n\
-             urls = [\"amqp://guest:guest@127.0.0.1:1/%2f\"]\n",
-            toml::Value::String(db.display().to_string()),
-            toml::Value::String(socket.display().to_string()),
-        );
-        std::fs::write(&config, text).expect("config");
-        let log_file = std::fs::File::create(&log).expect("log");
-        let mut cmd = Command::new(BIN);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("EDGE_OUTBOX_") {
-                cmd.env_remove(key);
-            }
-        }
-        let child = cmd
-            .arg("run")
-            .arg("-c")
-            .arg(&config)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log"))
-            .stderr(log_file)
-            .spawn()
-            .expect("spawning the agent");
-        let mut agent = AgentProcess {
-            child,
-            socket,
-            db,
-            log,
-        };
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&agent.socket).is_err() {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!(
-                    "the agent exited ({status}):\n{}",
-                    std::fs::read_to_string(&agent.log).unwrap_or_default()
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the agent did not listen within 30s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        agent
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let start = Instant::now();
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => return,
-                _ if start.elapsed() > Duration::from_secs(30) => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return;
-                }
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// One client: pipelines `n` copies of `line`, at most `window` unanswered.
@@ -323,13 +231,12 @@ fn main() {
     let one = raw_inserts(&dir.path().join("raw-one.db"), one_rows, 1, &payload);
     println!("raw_one_commit  {one:>12.0} rows/s  (synchronous=FULL, WAL, 1 row/commit)");
 
-    let agent = AgentProcess::start(dir.path());
+    // The agent's temp dir sits next to the raw databases: the same disk.
+    let mut agent = Agent::builder(BIN).temp_dir_in(dir.path()).start();
     let (ok, refused, secs) = agent_load(&agent.socket, agent_rows, clients, window, &payload);
-    let stored: i64 = Connection::open(&agent.db)
-        .and_then(|c| c.query_row("SELECT COUNT(*) FROM msg_log", [], |r| r.get(0)))
-        .expect("counting the agent's rows");
-    let log = agent.log.clone();
-    agent.stop();
+    let stored = agent.rows();
+    agent.terminate();
+    agent.wait_exit(Duration::from_secs(30));
     let agent_rate = ok as f64 / secs;
     println!(
         "agent           {agent_rate:>12.0} rows/s  ({ok} acknowledged, {refused} refused, \
@@ -337,10 +244,7 @@ fn main() {
     );
     assert_eq!(stored as usize, ok, "acknowledged and stored differ");
     if refused > 0 {
-        eprintln!(
-            "agent log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
+        eprintln!("agent log:\n{}", agent.log_text());
     }
 
     let vs_batched = agent_rate / batched;

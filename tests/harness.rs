@@ -1,14 +1,12 @@
-//! Self-tests of the test harness: the fault proxy and the broker helpers.
-
-mod common;
+//! Self-tests of the test kit (`testkit/`): the fault proxy, the
+//! restartable broker node and its locks, and the AMQP helpers.
 
 use std::future::Future;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::broker::{self, Cleanup};
-use common::proxy::{FaultProxy, Mode};
+use edge_outbox_testkit::{amqp, broker, node, Cleanup, FaultProxy, Mode};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -78,15 +76,15 @@ async fn proxy_passes_amqp_traffic() {
     let proxy = FaultProxy::start(broker_addr());
     let via_proxy = proxy.url_for(&url);
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("harness-pass"));
+    let queue = cleanup.queue(amqp::unique("harness-pass"));
 
-    broker::declare_queue(&via_proxy, &queue).await;
-    broker::publish(&via_proxy, "", &queue, b"through the proxy").await;
-    assert_eq!(broker::queue_len(&url, &queue).await, 1);
-    let got = broker::get_all(&via_proxy, &queue).await;
+    amqp::declare_queue(&via_proxy, &queue).await;
+    amqp::publish(&via_proxy, "", &queue, b"through the proxy").await;
+    assert_eq!(amqp::queue_len(&url, &queue).await, 1);
+    let got = amqp::get_all(&via_proxy, &queue).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].delivery.data, b"through the proxy");
-    assert_eq!(broker::queue_len(&url, &queue).await, 0);
+    assert_eq!(amqp::queue_len(&url, &queue).await, 0);
 
     // Each helper call above used a connection of its own through the proxy.
     assert_eq!(proxy.total_accepted(), 3);
@@ -118,7 +116,7 @@ async fn cut_all_breaks_open_connections() {
     let declared = timeout(
         Duration::from_secs(5),
         channel.queue_declare(
-            broker::unique("harness-cut").into(),
+            amqp::unique("harness-cut").into(),
             QueueDeclareOptions::default(),
             FieldTable::default(),
         ),
@@ -137,8 +135,8 @@ async fn stall_holds_traffic_until_pass() {
     let proxy = FaultProxy::start(broker_addr());
     let via_proxy = proxy.url_for(&url);
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("harness-stall"));
-    broker::declare_queue(&url, &queue).await;
+    let queue = cleanup.queue(amqp::unique("harness-stall"));
+    amqp::declare_queue(&url, &queue).await;
 
     let conn = connect(&via_proxy).await.unwrap();
     let channel = conn.create_channel().await.unwrap();
@@ -168,7 +166,7 @@ async fn stall_holds_traffic_until_pass() {
             .is_err(),
         "a publish was confirmed through a stalled proxy"
     );
-    assert_eq!(broker::queue_len(&url, &queue).await, 0);
+    assert_eq!(amqp::queue_len(&url, &queue).await, 0);
     assert!(
         timeout(Duration::from_secs(1), connect(&via_proxy))
             .await
@@ -188,7 +186,7 @@ async fn stall_holds_traffic_until_pass() {
         .unwrap()
         .unwrap();
     assert!(confirmation.is_ack());
-    assert_eq!(broker::queue_len(&url, &queue).await, 1);
+    assert_eq!(amqp::queue_len(&url, &queue).await, 1);
     // And new connections work again.
     assert!(can_connect(&via_proxy).await);
     let _ = conn.close(200, "OK".into()).await;
@@ -235,7 +233,7 @@ async fn refuse_fails_new_connections_fast() {
 
 #[test]
 fn restartable_node_stops_and_starts() {
-    let node = broker::lock_restartable();
+    let node = node::lock_restartable();
     let url = node.url();
     block_on(async {
         let conn = connect(&url).await.unwrap();
@@ -260,7 +258,7 @@ fn restartable_node_stops_and_starts() {
 
 #[test]
 fn restartable_node_halts_and_starts() {
-    let node = broker::lock_restartable();
+    let node = node::lock_restartable();
     let url = node.url();
     assert!(!node.os_pids().is_empty());
     let t = Instant::now();
@@ -276,12 +274,12 @@ fn restartable_node_halts_and_starts() {
 
 #[test]
 fn restartable_node_survives_kill9_with_durable_messages() {
-    let node = broker::lock_restartable();
+    let node = node::lock_restartable();
     let url = node.url();
-    let queue = broker::unique("harness-kill9");
+    let queue = amqp::unique("harness-kill9");
     block_on(async {
-        broker::declare_queue(&url, &queue).await;
-        broker::publish(&url, "", &queue, b"persistent").await;
+        amqp::declare_queue(&url, &queue).await;
+        amqp::publish(&url, "", &queue, b"persistent").await;
         let conn = connect(&url).await.unwrap();
 
         let pids = node.os_pids();
@@ -300,30 +298,30 @@ fn restartable_node_survives_kill9_with_durable_messages() {
         tokio::task::block_in_place(|| node.start());
         eprintln!("start after kill9 took {:?}", t.elapsed());
         assert_ne!(node.os_pids(), pids);
-        assert_eq!(broker::queue_len(&url, &queue).await, 1);
-        let got = broker::get_all(&url, &queue).await;
+        assert_eq!(amqp::queue_len(&url, &queue).await, 1);
+        let got = amqp::get_all(&url, &queue).await;
         assert_eq!(got[0].delivery.data, b"persistent");
-        broker::delete_queue(&url, &queue).await;
+        amqp::delete_queue(&url, &queue).await;
     });
 }
 
 #[test]
 fn shared_guard_and_restartable_see_the_node_up() {
-    let shared = broker::share_restartable();
+    let shared = node::share_restartable();
     assert!(shared.is_up());
-    let node = broker::restartable();
+    let node = node::restartable();
     assert_eq!(node.url(), shared.url());
-    assert!(node.url().contains(&broker::NODE_PORT.to_string()));
+    assert!(node.url().contains(&node::NODE_PORT.to_string()));
     assert!(node.is_up());
     assert!(!node.os_pids().is_empty());
 }
 
 #[test]
 fn exclusive_guard_excludes_shared_users() {
-    let exclusive = broker::lock_restartable();
+    let exclusive = node::lock_restartable();
     let (tx, rx) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {
-        let shared = broker::share_restartable();
+        let shared = node::share_restartable();
         tx.send(()).unwrap();
         assert!(shared.is_up());
     });
@@ -340,18 +338,18 @@ fn exclusive_guard_excludes_shared_users() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_deletes_what_it_was_given() {
     let url = broker::default_url();
-    let exchange = broker::unique("harness-x");
-    let queue = broker::unique("harness-q");
-    assert_ne!(broker::unique("harness-q"), queue);
+    let exchange = amqp::unique("harness-x");
+    let queue = amqp::unique("harness-q");
+    assert_ne!(amqp::unique("harness-q"), queue);
     {
         let mut cleanup = Cleanup::new(&url);
         cleanup.exchange(exchange.clone());
         cleanup.queue(queue.clone());
-        broker::declare_exchange_with_queue(&url, &exchange, &queue, "rk").await;
-        broker::publish(&url, &exchange, "rk", b"routed").await;
-        assert_eq!(broker::queue_len(&url, &queue).await, 1);
+        amqp::declare_exchange_with_queue(&url, &exchange, &queue, "rk").await;
+        amqp::publish(&url, &exchange, "rk", b"routed").await;
+        assert_eq!(amqp::queue_len(&url, &queue).await, 1);
     }
-    let conn = broker::connect(&url).await;
+    let conn = amqp::connect(&url).await;
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()

@@ -1,114 +1,64 @@
-//! Forwarding to a real RabbitMQ: confirms, returns, 404s, outages, cuts,
-//! stalls, broker restarts and agent crashes (SPEC "Forwarding to RabbitMQ").
+//! Forwarding to a real RabbitMQ (docs/forwarding.md): confirms, returns,
+//! 404s, outages, connection cuts, silent stalls, a blocked broker, and a
+//! million-row backlog.
 //!
 //! Every test uses its own exchange and queue names, so they run in
-//! parallel against the shared broker; tests that stop the broker node use
-//! the restartable node under its cross-process lock.
+//! parallel against the shared broker; the test that blocks the broker uses
+//! the restartable node under its cross-process lock. Kill -9 and broker
+//! restarts are in `tests/durability.rs`.
 
-mod common;
-
-use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::agent::{forwarding_agent, ok_id, Agent, AgentBuilder};
-use common::broker::{self, Received};
-use common::proxy::{FaultProxy, Mode};
-use common::wait_until;
+use edge_outbox_testkit::amqp;
+use edge_outbox_testkit::broker;
+use edge_outbox_testkit::db::get_status;
+use edge_outbox_testkit::node;
+use edge_outbox_testkit::prefill::{prefill_database, PrefillRow};
+use edge_outbox_testkit::{
+    ok_id, rt, submit_many, wait_until, Agent, AgentBuilder, FaultProxy, Mode, Status,
+};
 use serde_json::{json, Value};
 
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_edge-outbox");
+
+/// How long a test waits for the agent to forward everything.
 const DRAIN: Duration = Duration::from_secs(120);
 
-/// A durable direct exchange and queue bound with `routing_key`.
-fn topology(rt: &tokio::runtime::Runtime, url: &str, routing_key: &str) -> (String, String) {
-    let exchange = broker::unique("fwd-ex");
-    let queue = broker::unique("fwd-q");
-    rt.block_on(broker::declare_exchange_with_queue(
-        url,
-        &exchange,
-        &queue,
-        routing_key,
-    ));
-    (exchange, queue)
-}
-
-fn status_of(agent: &Agent, id: &str) -> (i64, i64, Option<String>) {
+/// `(status, try_count, last_error)` of the row `id`; panics when there is none.
+fn status_of(agent: &Agent, id: &str) -> (Status, i64, Option<String>) {
     agent
         .db()
         .query_row(
             "SELECT status, try_count, last_error FROM msg_log WHERE id = ?1",
             [id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((get_status(r, 0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap_or_else(|e| panic!("row {id}: {e}"))
 }
 
-/// Submits `n` messages with ids `{prefix}-{i}` on one pipelined connection.
-fn submit_many(
-    agent: &Agent,
-    exchange: &str,
-    routing_key: &str,
-    prefix: &str,
-    n: usize,
-) -> Vec<String> {
-    let mut client = agent.client();
-    let mut writer = client.writer();
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            json!({"exchange": exchange, "routing_key": routing_key,
-                   "id": format!("{prefix}-{i}"), "payload": {"n": i, "pad": "x".repeat(200)}})
-            .to_string()
-        })
-        .collect();
-    let sender = std::thread::spawn(move || {
-        use std::io::Write;
-        for line in lines {
-            writer.write_all(line.as_bytes()).expect("write");
-            writer.write_all(b"\n").expect("write");
-        }
-    });
-    let ids = (0..n).map(|_| ok_id(&client.answer())).collect();
-    sender.join().expect("sender");
-    ids
-}
-
-/// Every id in `ids` arrived in `queue` (duplicates allowed).
-fn assert_all_received(received: &[Received], ids: &[String]) {
-    let got: HashSet<&str> = received.iter().map(|m| m.message_id.as_str()).collect();
-    let missing: Vec<&String> = ids.iter().filter(|id| !got.contains(id.as_str())).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} messages never arrived, e.g. {:?}",
-        missing.len(),
-        ids.len(),
-        missing.iter().take(5).collect::<Vec<_>>()
-    );
-}
-
-fn wait_all_delivered(agent: &Agent, n: i64, deadline: Duration) {
-    wait_until(&format!("{n} rows delivered"), deadline, || {
-        agent.count_status(1) == n
-    });
-    assert_eq!(agent.count_status(2), 0, "no message may fail");
-}
+// --------------------------------------------------------------- outcomes
 
 #[test]
 fn a_normal_message_is_confirmed_and_arrives_intact() {
-    let rt = common::rt();
+    let rt = rt();
     let url = broker::default_url();
-    let (exchange, queue) = topology(&rt, &url, "user");
-    let agent = forwarding_agent(&url).start();
+    let (exchange, queue) = rt.block_on(amqp::topology(&url, "user"));
+    let agent = Agent::builder(BIN).forwarding_to(&url).start();
     let answer = agent.client().request(&json!({
         "exchange": exchange, "routing_key": "user",
         "payload": {"name": "yolo"},
         "headers": {"source": "test", "attempt": 7, "urgent": true},
     }));
     let id = ok_id(&answer);
-    wait_until("status 1", DRAIN, || status_of(&agent, &id).0 == 1);
+    wait_until("status 1", DRAIN, || {
+        status_of(&agent, &id).0 == Status::Delivered
+    });
     let (_, try_count, last_error) = status_of(&agent, &id);
     assert_eq!(try_count, 0);
     assert_eq!(last_error, None);
 
-    let received = rt.block_on(broker::received(&url, &queue));
+    let received = rt.block_on(amqp::received(&url, &queue));
     assert_eq!(received.len(), 1);
     let m = &received[0];
     assert_eq!(m.message_id, id);
@@ -126,18 +76,19 @@ fn a_normal_message_is_confirmed_and_arrives_intact() {
         .as_str()
         .unwrap_or_default()
         .contains("guest:guest"));
-    rt.block_on(broker::delete(&url, &exchange, &queue));
+    rt.block_on(amqp::delete(&url, &exchange, &queue));
 }
 
 #[test]
 fn a_missing_exchange_fails_after_max_attempts_and_costs_others_nothing() {
-    let rt = common::rt();
+    let rt = rt();
     let url = broker::default_url();
-    let (exchange, queue) = topology(&rt, &url, "k");
-    let agent = forwarding_agent(&url)
+    let (exchange, queue) = rt.block_on(amqp::topology(&url, "k"));
+    let agent = Agent::builder(BIN)
+        .forwarding_to(&url)
         .set("publish", "max_attempts", "3")
         .start();
-    let missing = broker::unique("no-such-exchange");
+    let missing = amqp::unique("no-such-exchange");
     let mut client = agent.client();
     let mut good = Vec::new();
     let mut bad = String::new();
@@ -148,29 +99,31 @@ fn a_missing_exchange_fails_after_max_attempts_and_costs_others_nothing() {
         good.push(ok_id(&client.submit(&exchange, "k", json!(i))));
     }
     wait_until("the bad message fails", DRAIN, || {
-        status_of(&agent, &bad).0 == 2
+        status_of(&agent, &bad).0 == Status::Failed
     });
     let (_, tries, error) = status_of(&agent, &bad);
     assert_eq!(tries, 3);
     let error = error.unwrap_or_default();
     assert!(error.contains("404"), "{error}");
     wait_until("the good ones are delivered", DRAIN, || {
-        good.iter().all(|id| status_of(&agent, id).0 == 1)
+        good.iter()
+            .all(|id| status_of(&agent, id).0 == Status::Delivered)
     });
     for id in &good {
         assert_eq!(status_of(&agent, id).1, 0, "{id} lost an attempt");
     }
-    let received = rt.block_on(broker::received(&url, &queue));
-    assert_all_received(&received, &good);
-    rt.block_on(broker::delete(&url, &exchange, &queue));
+    let received = rt.block_on(amqp::received(&url, &queue));
+    amqp::assert_all_received(&received, &good);
+    rt.block_on(amqp::delete(&url, &exchange, &queue));
 }
 
 #[test]
 fn an_unroutable_message_is_never_delivered_and_fails_with_no_route() {
-    let rt = common::rt();
+    let rt = rt();
     let url = broker::default_url();
-    let (exchange, queue) = topology(&rt, &url, "bound");
-    let agent = forwarding_agent(&url)
+    let (exchange, queue) = rt.block_on(amqp::topology(&url, "bound"));
+    let agent = Agent::builder(BIN)
+        .forwarding_to(&url)
         .set("publish", "max_attempts", "2")
         .start();
     let id = ok_id(
@@ -181,8 +134,12 @@ fn an_unroutable_message_is_never_delivered_and_fails_with_no_route() {
     let start = Instant::now();
     loop {
         let (status, _, _) = status_of(&agent, &id);
-        assert_ne!(status, 1, "an ack with a basic.return is not a delivery");
-        if status == 2 {
+        assert_ne!(
+            status,
+            Status::Delivered,
+            "an ack with a basic.return is not a delivery"
+        );
+        if status == Status::Failed {
             break;
         }
         assert!(start.elapsed() < DRAIN, "never failed");
@@ -191,22 +148,26 @@ fn an_unroutable_message_is_never_delivered_and_fails_with_no_route() {
     let (_, tries, error) = status_of(&agent, &id);
     assert_eq!(tries, 2);
     assert!(error.unwrap_or_default().contains("312 NO_ROUTE"));
-    rt.block_on(broker::delete(&url, &exchange, &queue));
+    rt.block_on(amqp::delete(&url, &exchange, &queue));
 }
+
+// ----------------------------------------------------- outages and faults
 
 #[test]
 fn offline_submits_cost_nothing_and_drain_in_order_when_the_broker_returns() {
-    let rt = common::rt();
+    let rt = rt();
     let url = broker::default_url();
-    let (exchange, queue) = topology(&rt, &url, "k");
+    let (exchange, queue) = rt.block_on(amqp::topology(&url, "k"));
     let proxy = FaultProxy::start(broker::default_addr());
     proxy.set_mode(Mode::Refuse);
-    let agent = forwarding_agent(&proxy.url_for(&url)).start();
+    let agent = Agent::builder(BIN)
+        .forwarding_to(&proxy.url_for(&url))
+        .start();
     let ids = submit_many(&agent, &exchange, "k", "offline", 300);
     // As long as the outage lasts, nothing is attempted and nothing counted.
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
-        assert_eq!(agent.count_status(0), 300);
+        assert_eq!(agent.count_status(Status::Delivering), 300);
         assert_eq!(agent.db_count("SELECT SUM(try_count) FROM msg_log"), 0);
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -217,15 +178,15 @@ fn offline_submits_cost_nothing_and_drain_in_order_when_the_broker_returns() {
         "{status}"
     );
     proxy.set_mode(Mode::Pass);
-    wait_all_delivered(&agent, 300, DRAIN);
+    agent.wait_all_delivered(300, DRAIN);
     assert_eq!(agent.db_count("SELECT SUM(try_count) FROM msg_log"), 0);
     let received: Vec<String> = rt
-        .block_on(broker::received(&url, &queue))
+        .block_on(amqp::received(&url, &queue))
         .into_iter()
         .map(|m| m.message_id)
         .collect();
     assert_eq!(received, ids, "delivered in submission order, once each");
-    rt.block_on(broker::delete(&url, &exchange, &queue));
+    rt.block_on(amqp::delete(&url, &exchange, &queue));
 }
 
 /// Submits `n` messages in the background while `fault` runs, then checks
@@ -236,9 +197,9 @@ fn survive(
     builder: impl FnOnce(&str) -> AgentBuilder,
     fault: impl FnOnce(&Agent, &FaultProxy),
 ) {
-    let rt = common::rt();
+    let rt = rt();
     let url = broker::default_url();
-    let (exchange, queue) = topology(&rt, &url, "k");
+    let (exchange, queue) = rt.block_on(amqp::topology(&url, "k"));
     let proxy = FaultProxy::start(broker::default_addr());
     let agent = builder(&proxy.url_for(&url)).start();
     let ids = std::thread::scope(|s| {
@@ -246,24 +207,32 @@ fn survive(
         fault(&agent, &proxy);
         submitter.join().expect("submitter")
     });
-    wait_all_delivered(&agent, n as i64, DRAIN);
-    let received = rt.block_on(broker::received(&url, &queue));
-    assert_all_received(&received, &ids);
-    rt.block_on(broker::delete(&url, &exchange, &queue));
+    agent.wait_all_delivered(n as i64, DRAIN);
+    let received = rt.block_on(amqp::received(&url, &queue));
+    amqp::assert_all_received(&received, &ids);
+    rt.block_on(amqp::delete(&url, &exchange, &queue));
 }
 
 #[test]
 fn five_thousand_messages_survive_four_connection_cuts() {
-    survive("cuts", 5_000, forwarding_agent, |agent, proxy| {
-        for cut in 1..=4 {
-            // Cut mid-stream: after 1,000, 2,000, 3,000 and 4,000 deliveries.
-            wait_until("progress before a cut", DRAIN, || {
-                agent.count_status(1) >= cut * 1_000
-            });
-            proxy.cut_all();
-            eprintln!("cut {cut} at {} delivered", agent.count_status(1));
-        }
-    });
+    survive(
+        "cuts",
+        5_000,
+        |url| Agent::builder(BIN).forwarding_to(url),
+        |agent, proxy| {
+            for cut in 1..=4 {
+                // Cut mid-stream: after 1,000, 2,000, 3,000 and 4,000 deliveries.
+                wait_until("progress before a cut", DRAIN, || {
+                    agent.count_status(Status::Delivered) >= cut * 1_000
+                });
+                proxy.cut_all();
+                eprintln!(
+                    "cut {cut} at {} delivered",
+                    agent.count_status(Status::Delivered)
+                );
+            }
+        },
+    );
 }
 
 #[test]
@@ -271,10 +240,14 @@ fn five_thousand_messages_survive_a_thirty_second_silent_stall() {
     survive(
         "stall",
         5_000,
-        |url| forwarding_agent(url).set_str("broker", "heartbeat", "5s"),
+        |url| {
+            Agent::builder(BIN)
+                .forwarding_to(url)
+                .set_str("broker", "heartbeat", "5s")
+        },
         |agent, proxy| {
             wait_until("progress before the stall", DRAIN, || {
-                agent.count_status(1) > 0
+                agent.count_status(Status::Delivered) > 0
             });
             proxy.set_mode(Mode::Stall);
             std::thread::sleep(Duration::from_secs(30));
@@ -285,10 +258,11 @@ fn five_thousand_messages_survive_a_thirty_second_silent_stall() {
 
 #[test]
 fn a_dead_link_is_noticed_within_about_two_heartbeats() {
-    let rt = common::rt();
+    let rt = rt();
     let url = broker::default_url();
     let proxy = FaultProxy::start(broker::default_addr());
-    let agent = forwarding_agent(&proxy.url_for(&url))
+    let agent = Agent::builder(BIN)
+        .forwarding_to(&proxy.url_for(&url))
         .set_str("broker", "heartbeat", "2s")
         .start();
     let connected =
@@ -306,43 +280,14 @@ fn a_dead_link_is_noticed_within_about_two_heartbeats() {
 }
 
 #[test]
-fn acknowledged_messages_survive_a_broker_restart_and_a_broker_kill() {
-    let node = broker::lock_restartable();
-    let rt = common::rt();
-    let url = node.url();
-    let (exchange, queue) = topology(&rt, &url, "k");
-    let agent = forwarding_agent(&url).start();
-    let mut all = Vec::new();
-    for (round, kill) in [("restart", false), ("kill", true)] {
-        let ids = std::thread::scope(|s| {
-            let submitter = s.spawn(|| submit_many(&agent, &exchange, "k", round, 2_000));
-            wait_until("progress", DRAIN, || {
-                agent.count_status(1) > all.len() as i64
-            });
-            if kill {
-                node.kill9();
-            } else {
-                node.stop();
-            }
-            node.start();
-            submitter.join().expect("submitter")
-        });
-        all.extend(ids);
-        wait_all_delivered(&agent, all.len() as i64, DRAIN);
-    }
-    let received = rt.block_on(broker::received(&url, &queue));
-    assert_all_received(&received, &all);
-    rt.block_on(broker::delete(&url, &exchange, &queue));
-}
-
-#[test]
 fn a_blocked_broker_is_waited_out_without_counting_failures() {
-    let node = broker::lock_restartable();
-    let rt = common::rt();
+    let node = node::lock_restartable();
+    let rt = rt();
     let url = node.url();
-    let (exchange, queue) = topology(&rt, &url, "k");
+    let (exchange, queue) = rt.block_on(amqp::topology(&url, "k"));
     // A short confirm timeout: were blocked waits counted, they would show.
-    let agent = forwarding_agent(&url)
+    let agent = Agent::builder(BIN)
+        .forwarding_to(&url)
         .set_str("publish", "confirm_timeout", "1s")
         .start();
     let connected =
@@ -360,41 +305,17 @@ fn a_blocked_broker_is_waited_out_without_counting_failures() {
             agent.db_count("SELECT COALESCE(SUM(try_count), 0) FROM msg_log"),
             0
         );
-        assert_eq!(agent.count_status(2), 0);
+        assert_eq!(agent.count_status(Status::Failed), 0);
         std::thread::sleep(Duration::from_millis(200));
     }
     node.memory_alarm(false);
-    wait_all_delivered(&agent, 200, DRAIN);
-    let received = rt.block_on(broker::received(&url, &queue));
-    assert_all_received(&received, &ids);
-    rt.block_on(broker::delete(&url, &exchange, &queue));
+    agent.wait_all_delivered(200, DRAIN);
+    let received = rt.block_on(amqp::received(&url, &queue));
+    amqp::assert_all_received(&received, &ids);
+    rt.block_on(amqp::delete(&url, &exchange, &queue));
 }
 
-#[test]
-fn acknowledged_messages_survive_kill_9_of_the_agent() {
-    let rt = common::rt();
-    let url = broker::default_url();
-    let (exchange, queue) = topology(&rt, &url, "k");
-    let mut agent = forwarding_agent(&url).start();
-    let ids = submit_many(&agent, &exchange, "k", "crash", 3_000);
-    wait_until("some delivered", DRAIN, || agent.count_status(1) > 0);
-    agent.kill9();
-    let stuck = agent.count_status(0);
-    eprintln!("killed with {stuck} rows undelivered");
-    agent.restart();
-    wait_all_delivered(&agent, 3_000, DRAIN);
-    let received = rt.block_on(broker::received(&url, &queue));
-    assert_all_received(&received, &ids);
-    let copies: BTreeMap<&str, usize> = received.iter().fold(BTreeMap::new(), |mut m, r| {
-        *m.entry(r.message_id.as_str()).or_default() += 1;
-        m
-    });
-    eprintln!(
-        "duplicates after the crash: {}",
-        copies.values().filter(|c| **c > 1).count()
-    );
-    rt.block_on(broker::delete(&url, &exchange, &queue));
-}
+// -------------------------------------------------------- a large backlog
 
 /// Reads the agent's resident memory (VmRSS) in KiB.
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -409,22 +330,28 @@ fn rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// A million-row backlog drains with flat memory (< 64 MiB resident).
-/// Slow (minutes): `cargo nextest run --release --test forward --run-ignored only`.
+/// Slow (minutes): `cargo nextest run --release --test forwarding --run-ignored only`.
 #[test]
 #[ignore]
 fn a_million_row_backlog_drains_in_flat_memory() {
     const ROWS: i64 = 1_000_000;
-    let rt = common::rt();
+    let rt = rt();
     let url = broker::default_url();
-    let queue = broker::unique("million");
-    rt.block_on(broker::declare_queue(&url, &queue));
-    let mut agent = forwarding_agent(&url).prepare();
-    common::agent::prefill_database(&agent.db, ROWS, |i| (format!("m-{i}"), 0, queue.clone(), 0));
+    let queue = amqp::unique("million");
+    rt.block_on(amqp::declare_queue(&url, &queue));
+    let mut agent = Agent::builder(BIN).forwarding_to(&url).prepare();
+    prefill_database(&agent.db, ROWS, 512, |i| PrefillRow {
+        id: format!("m-{i}"),
+        status: Status::Delivering,
+        routing_key: queue.clone(),
+        create_time: 0,
+        next_try_time: None,
+    });
     agent.restart();
     let pid = agent.pid();
     let mut peak = 0;
     let start = Instant::now();
-    while agent.count_status(1) < ROWS {
+    while agent.count_status(Status::Delivered) < ROWS {
         peak = peak.max(rss_kib(pid).unwrap_or(0));
         assert!(start.elapsed() < Duration::from_secs(1800), "did not drain");
         std::thread::sleep(Duration::from_millis(200));
@@ -435,5 +362,5 @@ fn a_million_row_backlog_drains_in_flat_memory() {
         peak / 1024
     );
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
-    rt.block_on(broker::delete_queue(&url, &queue));
+    rt.block_on(amqp::delete_queue(&url, &queue));
 }

@@ -1,51 +1,32 @@
-//! The idempotent manual-ack consumer against a real RabbitMQ (SPEC
-//! "Consumer"): submit → publish → consume, acks only after the commit
-//! (a kill -9 mid-handler gives the message back), duplicates acked without
+//! The idempotent manual-ack consumer against a real RabbitMQ
+//! (docs/consuming.md): submit → publish → consume, duplicates acked without
 //! running the handler, requeue then reject into a dead-letter exchange,
-//! handler timeouts, foreign messages, deliveries without `message_id`, a
-//! prefetch-20 burst, and a queue declared with other arguments (406).
+//! handler timeouts and the processes they leave, foreign messages,
+//! deliveries without `message_id`, a prefetch-20 burst, a queue declared
+//! with other arguments (406), a database that cannot record, quorum
+//! queues. The kill -9 case is in `tests/durability.rs`, SIGTERM while a
+//! handler runs in `tests/operations.rs`.
 //!
 //! Every test uses its own queue and exchange names on the shared broker and
-//! deletes them at the end ([`broker::Cleanup`]); unacked counts come from
+//! deletes them at the end ([`Cleanup`]); unacked counts come from
 //! `rabbitmqctl list_queues` ([`broker::queue_counts`], about 1 s a call).
 
-mod common;
-
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::agent::{forwarding_agent, ok_id, toml_str, Agent, AgentBuilder};
-use common::broker::{self, Cleanup};
-use common::{rt, wait_until};
+use edge_outbox_testkit::amqp;
+use edge_outbox_testkit::broker;
+use edge_outbox_testkit::consumer::{
+    lines, sh_path, wait_consuming, wait_queue_settled, Reaper, DEADLINE,
+};
+use edge_outbox_testkit::{ok_id, rt, toml_str, wait_until, Agent, Cleanup, Status};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::ExchangeKind;
 use serde_json::json;
 
-/// How long any single wait of these tests may take on the noisy test machine.
-const DEADLINE: Duration = Duration::from_secs(90);
-
-/// An agent on the shared broker whose consumer reads `queue`.
-fn consuming_agent(url: &str, queue: &str) -> AgentBuilder {
-    forwarding_agent(url).set_str("consumer", "queue", queue)
-}
-
-/// [`consuming_agent`] with the `exec` handler running `sh -c script`.
-fn exec_agent(url: &str, queue: &str, script: &str) -> AgentBuilder {
-    consuming_agent(url, queue)
-        .set_str("consumer", "handler", "exec")
-        .set(
-            "consumer",
-            "exec",
-            format!(
-                "[{}, {}, {}]",
-                toml_str("sh"),
-                toml_str("-c"),
-                toml_str(script)
-            ),
-        )
-}
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_edge-outbox");
 
 /// A `[consumer] bindings` value with one direct binding.
 fn binding(exchange: &str, routing_key: &str) -> String {
@@ -54,32 +35,6 @@ fn binding(exchange: &str, routing_key: &str) -> String {
         toml_str(exchange),
         toml_str(routing_key)
     )
-}
-
-/// Waits until the agent's log says its consumer consumes `queue`.
-fn wait_consuming(agent: &Agent, queue: &str) {
-    wait_until("the consumer to consume", DEADLINE, || {
-        agent
-            .log_text()
-            .lines()
-            .any(|l| l.contains("consuming") && l.contains(queue))
-    });
-}
-
-/// Waits until `queue` holds nothing: no ready and no unacked message.
-fn wait_queue_settled(queue: &str) {
-    wait_until(&format!("{queue}: 0 ready, 0 unacked"), DEADLINE, || {
-        broker::queue_counts(queue) == Some((0, 0))
-    });
-}
-
-/// Lines of `path`; none when it does not exist yet.
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Log lines of the agent containing `needle`.
@@ -91,98 +46,16 @@ fn log_lines(agent: &Agent, needle: &str) -> usize {
         .count()
 }
 
-/// A single-quoted shell word for `path` (temp paths hold no quotes).
-fn sh_path(path: &Path) -> String {
-    let s = path.to_str().expect("a UTF-8 path");
-    assert!(!s.contains('\''), "{s}");
-    format!("'{s}'")
-}
-
-/// What a test looks at in a `msg_log` row.
-#[derive(Debug)]
-struct Row {
-    status: i64,
-    try_count: i64,
-    consume_count: i64,
-    last_error: Option<String>,
-    exchange: String,
-    routing_key: String,
-    body: Vec<u8>,
-}
-
-fn row(agent: &Agent, id: &str) -> Option<Row> {
-    use rusqlite::types::Value;
-    use rusqlite::OptionalExtension;
-    agent
-        .db()
-        .query_row(
-            "SELECT status, try_count, consume_count, last_error, exchange, routing_key, msg \
-             FROM msg_log WHERE id = ?1",
-            [id],
-            |r| {
-                let body = match r.get::<_, Value>(6)? {
-                    Value::Text(s) => s.into_bytes(),
-                    Value::Blob(b) => b,
-                    _ => Vec::new(),
-                };
-                Ok(Row {
-                    status: r.get(0)?,
-                    try_count: r.get(1)?,
-                    consume_count: r.get(2)?,
-                    last_error: r.get(3)?,
-                    exchange: r.get(4)?,
-                    routing_key: r.get(5)?,
-                    body,
-                })
-            },
-        )
-        .optional()
-        .unwrap_or_else(|e| panic!("row {id}: {e}"))
-}
-
-fn status(agent: &Agent, id: &str) -> Option<i64> {
-    row(agent, id).map(|r| r.status)
-}
-
-fn wait_status(agent: &Agent, id: &str, want: i64) -> Row {
-    wait_until(
-        &format!("row {id} to reach status {want}"),
-        DEADLINE,
-        || status(agent, id) == Some(want),
-    );
-    row(agent, id).expect("the row")
-}
-
-/// SIGKILLs, when dropped, the handler processes whose pids a test's
-/// handler wrote to a file (they outlive an agent killed with -9), after
-/// checking that each pid still runs `sleep`.
-struct Reaper(PathBuf);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for pid in lines(&self.0) {
-            let Ok(pid) = pid.trim().parse::<u32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if cmdline.starts_with(b"sleep") {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-            }
-        }
-    }
-}
-
 /// Submit → publish (confirmed) → the agent's own consumer receives it
 /// through its binding → `record` → status 3, never a failed attempt.
 #[test]
 fn a_submitted_message_is_published_and_consumed() {
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let exchange = cleanup.exchange(broker::unique("con-ex"));
-    let queue = cleanup.queue(broker::unique("con-q"));
-    let agent = consuming_agent(&url, &queue)
+    let exchange = cleanup.exchange(amqp::unique("con-ex"));
+    let queue = cleanup.queue(amqp::unique("con-q"));
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
         .set("consumer", "bindings", binding(&exchange, "k"))
         .start();
     // The consumer declares the exchange, the queue and the binding.
@@ -192,80 +65,19 @@ fn a_submitted_message_is_published_and_consumed() {
             .client()
             .submit(&exchange, "k", json!({"hello": "consumer"})),
     );
-    let r = wait_status(&agent, &id, 3);
+    let r = agent.wait_status(&id, Status::Consumed, DEADLINE);
     assert_eq!(r.try_count, 0, "{r:?}");
     assert_eq!(r.consume_count, 0, "{r:?}");
     assert_eq!(r.last_error, None, "{r:?}");
     assert_eq!(r.exchange, exchange);
     assert_eq!(r.routing_key, "k");
     wait_queue_settled(&queue);
-    assert_eq!(status(&agent, &id), Some(3), "status 3 stays");
+    assert_eq!(
+        agent.status_of(&id),
+        Some(Status::Consumed),
+        "status 3 stays"
+    );
     assert_eq!(log_lines(&agent, "duplicate delivery"), 0);
-}
-
-/// The ack follows the handler and the commit: while the handler runs, the
-/// delivery is unacked; `kill -9` of the agent gives it back to the queue;
-/// the restarted agent runs the handler again (redelivered) and consumes it.
-#[test]
-fn kill9_during_the_handler_returns_the_message_and_a_restart_consumes_it() {
-    let rt = rt();
-    let url = broker::default_url();
-    let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-kill"));
-    let work = tempfile::tempdir().expect("tempdir");
-    let (runs, started, pid) = (
-        work.path().join("runs"),
-        work.path().join("started"),
-        work.path().join("pid"),
-    );
-    let _reaper = Reaper(pid.clone());
-    // First run: note the pid, mark "started", hang. Any later run: succeed.
-    let script = format!(
-        "echo \"$EDGE_OUTBOX_REDELIVERED\" >> {runs}; \
-         if [ -e {started} ]; then exit 0; fi; \
-         echo $$ > {pid}; touch {started}; exec sleep 600",
-        runs = sh_path(&runs),
-        started = sh_path(&started),
-        pid = sh_path(&pid),
-    );
-    let mut agent = exec_agent(&url, &queue, &script)
-        .set_str("consumer", "handler_timeout", "10m")
-        .start();
-    wait_consuming(&agent, &queue);
-    let id = broker::unique("kill9-msg");
-    rt.block_on(broker::publish_with_id(
-        &url,
-        "",
-        &queue,
-        b"survives a crash",
-        Some(&id),
-    ));
-    wait_until("the handler to start", DEADLINE, || started.exists());
-    wait_until("the delivery to be unacked", DEADLINE, || {
-        broker::queue_counts(&queue) == Some((0, 1))
-    });
-    assert_eq!(
-        row(&agent, &id).map(|r| r.status),
-        None,
-        "nothing recorded yet"
-    );
-
-    agent.kill9();
-    wait_until("the delivery to be ready again", DEADLINE, || {
-        broker::queue_counts(&queue) == Some((1, 0))
-    });
-    assert_eq!(row(&agent, &id).map(|r| r.status), None);
-
-    agent.restart();
-    let r = wait_status(&agent, &id, 3);
-    assert_eq!(r.consume_count, 0, "{r:?}");
-    assert_eq!(r.body, b"survives a crash");
-    wait_queue_settled(&queue);
-    assert_eq!(
-        lines(&runs),
-        ["0", "1"],
-        "one run per delivery; the second redelivered"
-    );
 }
 
 /// After a message is consumed, the same `message_id` published three more
@@ -275,31 +87,33 @@ fn a_consumed_message_id_delivered_again_is_acked_without_running_the_handler() 
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let exchange = cleanup.exchange(broker::unique("con-dup-ex"));
-    let queue = cleanup.queue(broker::unique("con-dup"));
+    let exchange = cleanup.exchange(amqp::unique("con-dup-ex"));
+    let queue = cleanup.queue(amqp::unique("con-dup"));
     let work = tempfile::tempdir().expect("tempdir");
     let runs = work.path().join("runs");
     let script = format!("echo \"$EDGE_OUTBOX_MESSAGE_ID\" >> {}", sh_path(&runs));
-    let agent = exec_agent(&url, &queue, &script)
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
+        .exec_handler(&script)
         .set("consumer", "bindings", binding(&exchange, "dup"))
         .start();
     wait_consuming(&agent, &queue);
     let id = ok_id(&agent.client().submit(&exchange, "dup", json!("once")));
-    wait_status(&agent, &id, 3);
+    agent.wait_status(&id, Status::Consumed, DEADLINE);
     wait_queue_settled(&queue);
     assert_eq!(lines(&runs), [id.as_str()]);
 
     let again: Vec<(Option<String>, Vec<u8>)> = (0..3)
         .map(|i| (Some(id.clone()), format!("again {i}").into_bytes()))
         .collect();
-    rt.block_on(broker::publish_many(&url, &exchange, "dup", &again));
+    rt.block_on(amqp::publish_many(&url, &exchange, "dup", &again));
     wait_until("three duplicates logged", DEADLINE, || {
         log_lines(&agent, "duplicate delivery") == 3
     });
     wait_queue_settled(&queue);
     assert_eq!(lines(&runs), [id.as_str()], "the handler ran once in all");
-    let r = row(&agent, &id).expect("row");
-    assert_eq!(r.status, 3);
+    let r = agent.row(&id).expect("row");
+    assert_eq!(r.status, Status::Consumed);
     assert_eq!(r.consume_count, 0);
     assert_eq!(r.body, b"once", "the row keeps the submitted body");
     assert_eq!(agent.rows(), 1);
@@ -312,7 +126,7 @@ fn a_handler_failing_once_runs_twice_and_the_message_is_consumed() {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-once"));
+    let queue = cleanup.queue(amqp::unique("con-once"));
     let work = tempfile::tempdir().expect("tempdir");
     let (runs, failed) = (work.path().join("runs"), work.path().join("failed"));
     let script = format!(
@@ -321,17 +135,20 @@ fn a_handler_failing_once_runs_twice_and_the_message_is_consumed() {
         runs = sh_path(&runs),
         failed = sh_path(&failed),
     );
-    let agent = exec_agent(&url, &queue, &script).start();
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
+        .exec_handler(&script)
+        .start();
     wait_consuming(&agent, &queue);
-    let id = broker::unique("once-msg");
-    rt.block_on(broker::publish_with_id(
+    let id = amqp::unique("once-msg");
+    rt.block_on(amqp::publish_with_id(
         &url,
         "",
         &queue,
         b"retry me",
         Some(&id),
     ));
-    let r = wait_status(&agent, &id, 3);
+    let r = agent.wait_status(&id, Status::Consumed, DEADLINE);
     assert_eq!(r.consume_count, 1, "one failed run counted: {r:?}");
     wait_queue_settled(&queue);
     assert_eq!(
@@ -339,7 +156,7 @@ fn a_handler_failing_once_runs_twice_and_the_message_is_consumed() {
         ["0", "1"],
         "exactly two runs, the second redelivered"
     );
-    assert_eq!(status(&agent, &id), Some(3));
+    assert_eq!(agent.status_of(&id), Some(Status::Consumed));
 }
 
 /// A handler that always fails runs `max_attempts` times; then the message
@@ -349,11 +166,11 @@ fn always_failing(max_attempts: Option<u32>) {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-fail"));
-    let dlx = cleanup.exchange(broker::unique("con-dlx"));
-    let dlq = cleanup.queue(broker::unique("con-dlq"));
+    let queue = cleanup.queue(amqp::unique("con-fail"));
+    let dlx = cleanup.exchange(amqp::unique("con-dlx"));
+    let dlq = cleanup.queue(amqp::unique("con-dlq"));
     // The agent declares the DLX as a durable fanout: the same declaration.
-    rt.block_on(broker::declare_bound_queue(
+    rt.block_on(amqp::declare_bound_queue(
         &url,
         &dlx,
         ExchangeKind::Fanout,
@@ -366,23 +183,25 @@ fn always_failing(max_attempts: Option<u32>) {
         "echo run >> {}; echo 'no can do: disk on fire' >&2; exit 7",
         sh_path(&runs)
     );
-    let mut builder =
-        exec_agent(&url, &queue, &script).set_str("consumer", "dead_letter_exchange", &dlx);
+    let mut builder = Agent::builder(BIN)
+        .consuming(&url, &queue)
+        .exec_handler(&script)
+        .set_str("consumer", "dead_letter_exchange", &dlx);
     if let Some(n) = max_attempts {
         builder = builder.set("consumer", "max_attempts", n.to_string());
     }
     let agent = builder.start();
     let attempts = max_attempts.unwrap_or(2);
     wait_consuming(&agent, &queue);
-    let id = broker::unique("doomed");
-    rt.block_on(broker::publish_with_id(
+    let id = amqp::unique("doomed");
+    rt.block_on(amqp::publish_with_id(
         &url,
         "",
         &queue,
         b"doomed",
         Some(&id),
     ));
-    let r = wait_status(&agent, &id, 2);
+    let r = agent.wait_status(&id, Status::Failed, DEADLINE);
     assert_eq!(r.consume_count, i64::from(attempts), "{r:?}");
     let error = r.last_error.clone().unwrap_or_default();
     assert!(
@@ -390,15 +209,15 @@ fn always_failing(max_attempts: Option<u32>) {
         "last_error: {error:?}"
     );
     wait_until("the message in the dead-letter queue", DEADLINE, || {
-        rt.block_on(broker::queue_len(&url, &dlq)) == 1
+        rt.block_on(amqp::queue_len(&url, &dlq)) == 1
     });
     wait_queue_settled(&queue);
     assert_eq!(lines(&runs).len(), attempts as usize, "one run per attempt");
-    let dead = rt.block_on(broker::received(&url, &dlq));
+    let dead = rt.block_on(amqp::received(&url, &dlq));
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].message_id, id);
     assert_eq!(dead[0].body, b"doomed");
-    assert_eq!(status(&agent, &id), Some(2), "status 2 stays");
+    assert_eq!(agent.status_of(&id), Some(Status::Failed), "status 2 stays");
     assert_eq!(
         lines(&runs).len(),
         attempts as usize,
@@ -423,20 +242,22 @@ fn a_hanging_handler_is_killed_at_the_timeout_and_counted_as_a_failure() {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-hang"));
+    let queue = cleanup.queue(amqp::unique("con-hang"));
     let work = tempfile::tempdir().expect("tempdir");
     let pids = work.path().join("pids");
     let _reaper = Reaper(pids.clone());
     let script = format!("echo $$ >> {}; exec sleep 600", sh_path(&pids));
-    let agent = exec_agent(&url, &queue, &script)
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
+        .exec_handler(&script)
         .set_str("consumer", "handler_timeout", "1s")
         .set("consumer", "max_attempts", "1")
         .start();
     wait_consuming(&agent, &queue);
-    let id = broker::unique("hang");
+    let id = amqp::unique("hang");
     let published = Instant::now();
-    rt.block_on(broker::publish_with_id(&url, "", &queue, b"zzz", Some(&id)));
-    let r = wait_status(&agent, &id, 2);
+    rt.block_on(amqp::publish_with_id(&url, "", &queue, b"zzz", Some(&id)));
+    let r = agent.wait_status(&id, Status::Failed, DEADLINE);
     let took = published.elapsed();
     assert!(
         took < Duration::from_secs(30),
@@ -465,27 +286,23 @@ fn a_foreign_message_is_handled_and_recorded_as_consumed() {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let exchange = cleanup.exchange(broker::unique("con-foreign-ex"));
-    let queue = cleanup.queue(broker::unique("con-foreign"));
-    let agent = consuming_agent(&url, &queue)
+    let exchange = cleanup.exchange(amqp::unique("con-foreign-ex"));
+    let queue = cleanup.queue(amqp::unique("con-foreign"));
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
         .set("consumer", "bindings", binding(&exchange, "elsewhere"))
         .start();
     wait_consuming(&agent, &queue);
-    let (text_id, binary_id) = (broker::unique("foreign-t"), broker::unique("foreign-b"));
+    let (text_id, binary_id) = (amqp::unique("foreign-t"), amqp::unique("foreign-b"));
     let text = br#"{"from":"another publisher"}"#.to_vec();
     let binary: Vec<u8> = (0..=255u8).rev().collect();
     let messages = vec![
         (Some(text_id.clone()), text.clone()),
         (Some(binary_id.clone()), binary.clone()),
     ];
-    rt.block_on(broker::publish_many(
-        &url,
-        &exchange,
-        "elsewhere",
-        &messages,
-    ));
+    rt.block_on(amqp::publish_many(&url, &exchange, "elsewhere", &messages));
     for (id, body) in [(&text_id, &text), (&binary_id, &binary)] {
-        let r = wait_status(&agent, id, 3);
+        let r = agent.wait_status(id, Status::Consumed, DEADLINE);
         assert_eq!(r.exchange, exchange, "{r:?}");
         assert_eq!(r.routing_key, "elsewhere");
         assert_eq!(&r.body, body, "{id}: the body is kept byte-exact");
@@ -494,7 +311,7 @@ fn a_foreign_message_is_handled_and_recorded_as_consumed() {
     }
     wait_queue_settled(&queue);
     assert_eq!(agent.rows(), 2);
-    assert_eq!(agent.count_status(3), 2);
+    assert_eq!(agent.count_status(Status::Consumed), 2);
 }
 
 /// A delivery without `message_id` is handled (no deduplication, no row)
@@ -504,22 +321,19 @@ fn a_delivery_without_message_id_is_handled_and_acked() {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-noid"));
+    let queue = cleanup.queue(amqp::unique("con-noid"));
     let work = tempfile::tempdir().expect("tempdir");
     let runs = work.path().join("runs");
     let script = format!(
         "echo \"id=[$EDGE_OUTBOX_MESSAGE_ID] body=[$(cat)]\" >> {}",
         sh_path(&runs)
     );
-    let agent = exec_agent(&url, &queue, &script).start();
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
+        .exec_handler(&script)
+        .start();
     wait_consuming(&agent, &queue);
-    rt.block_on(broker::publish_with_id(
-        &url,
-        "",
-        &queue,
-        b"anonymous",
-        None,
-    ));
+    rt.block_on(amqp::publish_with_id(&url, "", &queue, b"anonymous", None));
     wait_until("the handler to run", DEADLINE, || !lines(&runs).is_empty());
     wait_queue_settled(&queue);
     assert_eq!(lines(&runs), ["id=[] body=[anonymous]"]);
@@ -538,20 +352,22 @@ fn a_prefetch_20_backlog_of_2000_is_handled_exactly_once_and_all_acked() {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-bulk"));
-    rt.block_on(broker::declare_queue(&url, &queue));
+    let queue = cleanup.queue(amqp::unique("con-bulk"));
+    rt.block_on(amqp::declare_queue(&url, &queue));
     let ids: Vec<String> = (0..N).map(|i| format!("bulk-{i}")).collect();
     let messages: Vec<(Option<String>, Vec<u8>)> = ids
         .iter()
         .map(|id| (Some(id.clone()), format!("body of {id}").into_bytes()))
         .collect();
-    rt.block_on(broker::publish_many(&url, "", &queue, &messages));
+    rt.block_on(amqp::publish_many(&url, "", &queue, &messages));
     assert_eq!(broker::queue_counts(&queue), Some((N as u64, 0)));
 
     let work = tempfile::tempdir().expect("tempdir");
     let handled = work.path().join("handled");
     let script = format!("echo \"$EDGE_OUTBOX_MESSAGE_ID\" >> {}", sh_path(&handled));
-    let agent = exec_agent(&url, &queue, &script)
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
+        .exec_handler(&script)
         .set("consumer", "prefetch", "20")
         .start();
     let mut max_unacked = 0;
@@ -559,7 +375,7 @@ fn a_prefetch_20_backlog_of_2000_is_handled_exactly_once_and_all_acked() {
         let (_, unacked) = broker::queue_counts(&queue).expect("the queue");
         max_unacked = max_unacked.max(unacked);
         assert!(unacked <= 20, "{unacked} unacked with prefetch 20");
-        agent.count_status(3) == N as i64
+        agent.count_status(Status::Consumed) == N as i64
     });
     wait_queue_settled(&queue);
     let lines = lines(&handled);
@@ -583,18 +399,18 @@ fn a_queue_with_other_arguments_is_reported_and_not_retried_in_a_hot_loop() {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-406"));
+    let queue = cleanup.queue(amqp::unique("con-406"));
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-length".into(), AMQPValue::LongInt(10));
-    rt.block_on(broker::declare_queue_with_args(&url, &queue, arguments));
+    rt.block_on(amqp::declare_queue_with_args(&url, &queue, arguments));
     // Forwarding goes elsewhere.
-    let exchange = cleanup.exchange(broker::unique("con-406-ex"));
-    let out = cleanup.queue(broker::unique("con-406-out"));
-    rt.block_on(broker::declare_exchange_with_queue(
+    let exchange = cleanup.exchange(amqp::unique("con-406-ex"));
+    let out = cleanup.queue(amqp::unique("con-406-out"));
+    rt.block_on(amqp::declare_exchange_with_queue(
         &url, &exchange, &out, "out",
     ));
 
-    let mut agent = consuming_agent(&url, &queue).start();
+    let mut agent = Agent::builder(BIN).consuming(&url, &queue).start();
     let refusal = |agent: &Agent| {
         agent
             .log_text()
@@ -617,8 +433,8 @@ fn a_queue_with_other_arguments_is_reported_and_not_retried_in_a_hot_loop() {
 
     // Meanwhile the agent forwards.
     let id = ok_id(&agent.client().submit(&exchange, "out", json!("still here")));
-    wait_status(&agent, &id, 1);
-    let got = rt.block_on(broker::received(&url, &out));
+    agent.wait_status(&id, Status::Delivered, DEADLINE);
+    let got = rt.block_on(amqp::received(&url, &out));
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].message_id, id);
 
@@ -662,13 +478,13 @@ fn copies_of_one_message_id_in_flight_together_run_the_handler_once() {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-twins"));
-    rt.block_on(broker::declare_queue(&url, &queue));
-    let id = broker::unique("twin");
+    let queue = cleanup.queue(amqp::unique("con-twins"));
+    rt.block_on(amqp::declare_queue(&url, &queue));
+    let id = amqp::unique("twin");
     let copies: Vec<(Option<String>, Vec<u8>)> = (0..3)
         .map(|i| (Some(id.clone()), format!("copy {i}").into_bytes()))
         .collect();
-    rt.block_on(broker::publish_many(&url, "", &queue, &copies));
+    rt.block_on(amqp::publish_many(&url, "", &queue, &copies));
 
     let work = tempfile::tempdir().expect("tempdir");
     let runs = work.path().join("runs");
@@ -676,14 +492,16 @@ fn copies_of_one_message_id_in_flight_together_run_the_handler_once() {
         "echo \"$EDGE_OUTBOX_MESSAGE_ID\" >> {}; sleep 0.5",
         sh_path(&runs)
     );
-    let agent = exec_agent(&url, &queue, &script)
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
+        .exec_handler(&script)
         .set("consumer", "prefetch", "10")
         .start();
-    wait_status(&agent, &id, 3);
+    agent.wait_status(&id, Status::Consumed, DEADLINE);
     wait_queue_settled(&queue);
     assert_eq!(lines(&runs), [id.as_str()], "the handler ran once");
     assert_eq!(log_lines(&agent, "duplicate delivery"), 2);
-    assert_eq!(status(&agent, &id), Some(3));
+    assert_eq!(agent.status_of(&id), Some(Status::Consumed));
 }
 
 /// A handler killed at `consumer.handler_timeout` takes what it started with
@@ -694,20 +512,22 @@ fn a_timed_out_handler_leaves_no_process_behind() {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-orphan"));
+    let queue = cleanup.queue(amqp::unique("con-orphan"));
     let work = tempfile::tempdir().expect("tempdir");
     let pids = work.path().join("pids");
     let _reaper = Reaper(pids.clone());
     // `sleep` runs as a child of the shell, which waits for it.
     let script = format!("sleep 600 & echo $! >> {}; wait", sh_path(&pids));
-    let agent = exec_agent(&url, &queue, &script)
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
+        .exec_handler(&script)
         .set_str("consumer", "handler_timeout", "1s")
         .set("consumer", "max_attempts", "1")
         .start();
     wait_consuming(&agent, &queue);
-    let id = broker::unique("orphan");
-    rt.block_on(broker::publish_with_id(&url, "", &queue, b"", Some(&id)));
-    wait_status(&agent, &id, 2);
+    let id = amqp::unique("orphan");
+    rt.block_on(amqp::publish_with_id(&url, "", &queue, b"", Some(&id)));
+    agent.wait_status(&id, Status::Failed, DEADLINE);
     let pid = lines(&pids);
     assert_eq!(pid.len(), 1);
     let proc_dir = PathBuf::from(format!("/proc/{}", pid[0].trim()));
@@ -725,7 +545,7 @@ fn a_handler_exiting_0_with_a_background_child_succeeds() {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-bg"));
+    let queue = cleanup.queue(amqp::unique("con-bg"));
     let work = tempfile::tempdir().expect("tempdir");
     let pids = work.path().join("pids");
     let _reaper = Reaper(pids.clone());
@@ -733,18 +553,23 @@ fn a_handler_exiting_0_with_a_background_child_succeeds() {
         "sleep 600 >/dev/null & echo $! >> {}; exit 0",
         sh_path(&pids)
     );
-    let agent = exec_agent(&url, &queue, &script)
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
+        .exec_handler(&script)
         .set_str("consumer", "handler_timeout", "3s")
         .set("consumer", "max_attempts", "1")
         .start();
     wait_consuming(&agent, &queue);
-    let id = broker::unique("bg");
-    rt.block_on(broker::publish_with_id(&url, "", &queue, b"", Some(&id)));
+    let id = amqp::unique("bg");
+    rt.block_on(amqp::publish_with_id(&url, "", &queue, b"", Some(&id)));
     wait_until("the row to be settled", DEADLINE, || {
-        matches!(status(&agent, &id), Some(2 | 3))
+        matches!(
+            agent.status_of(&id),
+            Some(Status::Failed | Status::Consumed)
+        )
     });
-    let r = row(&agent, &id).expect("row");
-    assert_eq!(r.status, 3, "the handler exited 0: {r:?}");
+    let r = agent.row(&id).expect("row");
+    assert_eq!(r.status, Status::Consumed, "the handler exited 0: {r:?}");
 }
 
 /// A handler that writes a lot to stderr (more than the 64 KiB the agent
@@ -755,21 +580,26 @@ fn a_verbose_handler_exiting_0_succeeds() {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-verbose"));
+    let queue = cleanup.queue(amqp::unique("con-verbose"));
     // About 300 KiB on stderr, line by line, from the shell itself.
     let script = "i=0; while [ $i -lt 10000 ]; do \
                   echo \"verbose handler diagnostics, line $i\" >&2; i=$((i+1)); done; exit 0";
-    let agent = exec_agent(&url, &queue, script)
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
+        .exec_handler(script)
         .set("consumer", "max_attempts", "1")
         .start();
     wait_consuming(&agent, &queue);
-    let id = broker::unique("verbose");
-    rt.block_on(broker::publish_with_id(&url, "", &queue, b"", Some(&id)));
+    let id = amqp::unique("verbose");
+    rt.block_on(amqp::publish_with_id(&url, "", &queue, b"", Some(&id)));
     wait_until("the row to be settled", DEADLINE, || {
-        matches!(status(&agent, &id), Some(2 | 3))
+        matches!(
+            agent.status_of(&id),
+            Some(Status::Failed | Status::Consumed)
+        )
     });
-    let r = row(&agent, &id).expect("row");
-    assert_eq!(r.status, 3, "the handler exited 0: {r:?}");
+    let r = agent.row(&id).expect("row");
+    assert_eq!(r.status, Status::Consumed, "the handler exited 0: {r:?}");
     wait_queue_settled(&queue);
 }
 
@@ -783,22 +613,16 @@ fn a_delivery_that_cannot_be_recorded_is_requeued_not_stranded() {
     let rt = rt();
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-locked"));
-    let agent = consuming_agent(&url, &queue).start();
+    let queue = cleanup.queue(amqp::unique("con-locked"));
+    let agent = Agent::builder(BIN).consuming(&url, &queue).start();
     wait_consuming(&agent, &queue);
     // Someone holds the write lock longer than the agent's busy timeout.
     let locker = agent.db();
     locker
         .execute_batch("BEGIN IMMEDIATE")
         .expect("taking the write lock");
-    let id = broker::unique("locked");
-    rt.block_on(broker::publish_with_id(
-        &url,
-        "",
-        &queue,
-        b"later",
-        Some(&id),
-    ));
+    let id = amqp::unique("locked");
+    rt.block_on(amqp::publish_with_id(&url, "", &queue, b"later", Some(&id)));
     wait_until("the failed commit in the log", DEADLINE, || {
         log_lines(&agent, "could not record a delivery") >= 1
     });
@@ -806,16 +630,16 @@ fn a_delivery_that_cannot_be_recorded_is_requeued_not_stranded() {
         .execute_batch("ROLLBACK")
         .expect("releasing the lock");
     drop(locker);
-    let second = broker::unique("after");
-    rt.block_on(broker::publish_with_id(
+    let second = amqp::unique("after");
+    rt.block_on(amqp::publish_with_id(
         &url,
         "",
         &queue,
         b"next",
         Some(&second),
     ));
-    wait_status(&agent, &id, 3);
-    wait_status(&agent, &second, 3);
+    agent.wait_status(&id, Status::Consumed, DEADLINE);
+    agent.wait_status(&second, Status::Consumed, DEADLINE);
     wait_queue_settled(&queue);
     assert_eq!(
         log_lines(&agent, "consumer lost its connection"),
@@ -824,83 +648,16 @@ fn a_delivery_that_cannot_be_recorded_is_requeued_not_stranded() {
     );
 }
 
-/// SIGTERM while a handler runs: the agent lets it finish (within the drain
-/// bound), commits, acks, and exits 0.
-#[test]
-fn sigterm_lets_a_running_handler_finish_and_ack() {
-    let rt = rt();
-    let url = broker::default_url();
-    let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-term"));
-    let work = tempfile::tempdir().expect("tempdir");
-    let (started, runs) = (work.path().join("started"), work.path().join("runs"));
-    let script = format!(
-        "touch {}; sleep 2; echo done >> {}",
-        sh_path(&started),
-        sh_path(&runs)
-    );
-    let mut agent = exec_agent(&url, &queue, &script).start();
-    wait_consuming(&agent, &queue);
-    let id = broker::unique("term");
-    rt.block_on(broker::publish_with_id(&url, "", &queue, b"", Some(&id)));
-    wait_until("the handler to start", DEADLINE, || started.exists());
-    agent.terminate();
-    let exit = agent.wait_exit(Duration::from_secs(30));
-    assert!(exit.success(), "exit status {exit}");
-    assert_eq!(status(&agent, &id), Some(3));
-    assert_eq!(lines(&runs), ["done"]);
-    wait_queue_settled(&queue);
-}
-
-/// SIGTERM while a handler runs past the drain bound: the agent stops the
-/// handler, exits 0 without recording anything, and the delivery is back in
-/// the queue.
-#[test]
-fn sigterm_with_a_handler_past_the_drain_bound_gives_the_delivery_back() {
-    let rt = rt();
-    let url = broker::default_url();
-    let mut cleanup = Cleanup::new(&url);
-    let queue = cleanup.queue(broker::unique("con-term-long"));
-    let work = tempfile::tempdir().expect("tempdir");
-    let (started, pids) = (work.path().join("started"), work.path().join("pids"));
-    let _reaper = Reaper(pids.clone());
-    let script = format!(
-        "echo $$ >> {}; touch {}; exec sleep 600",
-        sh_path(&pids),
-        sh_path(&started)
-    );
-    let mut agent = exec_agent(&url, &queue, &script)
-        .set_str("consumer", "handler_timeout", "10m")
-        .start();
-    wait_consuming(&agent, &queue);
-    let id = broker::unique("term-long");
-    rt.block_on(broker::publish_with_id(&url, "", &queue, b"", Some(&id)));
-    wait_until("the handler to start", DEADLINE, || started.exists());
-    let t = Instant::now();
-    agent.terminate();
-    let exit = agent.wait_exit(Duration::from_secs(60));
-    assert!(exit.success(), "exit status {exit}");
-    eprintln!("shutdown with a hanging handler took {:?}", t.elapsed());
-    assert_eq!(status(&agent, &id), None, "nothing recorded");
-    wait_until("the delivery back in the queue", DEADLINE, || {
-        broker::queue_counts(&queue) == Some((1, 0))
-    });
-    let pid = lines(&pids);
-    let proc_dir = PathBuf::from(format!("/proc/{}", pid[0].trim()));
-    wait_until("the handler process to be gone", DEADLINE, || {
-        !proc_dir.exists()
-    });
-}
-
 /// `queue_type = "quorum"`: the agent declares a quorum queue and consumes
 /// from it like from a classic one.
 #[test]
 fn a_quorum_queue_is_declared_and_consumed() {
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
-    let exchange = cleanup.exchange(broker::unique("con-qq-ex"));
-    let queue = cleanup.queue(broker::unique("con-qq"));
-    let agent = consuming_agent(&url, &queue)
+    let exchange = cleanup.exchange(amqp::unique("con-qq-ex"));
+    let queue = cleanup.queue(amqp::unique("con-qq"));
+    let agent = Agent::builder(BIN)
+        .consuming(&url, &queue)
         .set_str("consumer", "queue_type", "quorum")
         .set("consumer", "bindings", binding(&exchange, "qq"))
         .start();
@@ -909,7 +666,7 @@ fn a_quorum_queue_is_declared_and_consumed() {
         .map(|i| ok_id(&agent.client().submit(&exchange, "qq", json!({ "n": i }))))
         .collect();
     for id in &ids {
-        wait_status(&agent, id, 3);
+        agent.wait_status(id, Status::Consumed, DEADLINE);
     }
     wait_queue_settled(&queue);
     assert_eq!(

@@ -1,0 +1,49 @@
+//! What the benchmarks share: the message size they all use and the
+//! plain-lapin publisher that is both the forwarding baseline and the
+//! consumer benchmark's pre-fill.
+//!
+//! The broker is the shared one ([`crate::broker::default_url`]).
+
+use std::time::{Duration, Instant};
+
+use lapin::options::BasicPublishOptions;
+
+use crate::amqp::{confirm_channel, connect, declare_queue, publish_pipelined, Target};
+
+/// Message size of every benchmark, in bytes.
+pub const BODY: usize = 512;
+
+/// Declares `queue` (durable classic) and publishes `messages` persistent,
+/// mandatory [`BODY`]-byte messages to it through the default exchange (ids
+/// `{prefix}-{i}`) with up to `window` confirms outstanding; every one must
+/// be an ack without a return. Returns the time from the first publish to
+/// the last confirm (connecting and declaring are not timed).
+pub async fn publish_confirmed(
+    url: &str,
+    queue: &str,
+    prefix: &str,
+    messages: usize,
+    window: usize,
+) -> Duration {
+    declare_queue(url, queue).await;
+    let conn = connect(url).await;
+    let ch = confirm_channel(&conn, "publish_confirmed").await;
+    let target = Target {
+        what: "publish_confirmed",
+        exchange: "",
+        routing_key: queue,
+        options: BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        },
+    };
+    let body = vec![b'x'; BODY];
+    let start = Instant::now();
+    publish_pipelined(&ch, &target, window, messages, |i| {
+        (Some(format!("{prefix}-{i}")), body.as_slice())
+    })
+    .await;
+    let elapsed = start.elapsed();
+    let _ = conn.close(200, "".into()).await;
+    elapsed
+}

@@ -1,0 +1,367 @@
+//! What the agent refuses, and that a refusal costs nothing else: bodies and
+//! lines over the size limits (`too_large`), a full buffer (`buffer_full`),
+//! full disks and the storage limits (`storage_full`), a database locked by
+//! someone else (`storage_error`), the idle timeout, the connection limit
+//! and the peer credential checks (`unauthorized`). docs/protocol.md (Error
+//! codes), docs/storage.md (Limits), docs/configuration.md.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::json;
+
+use edge_outbox_testkit::{ok_id, refused, wait_until, Agent, Client, Status, Tmpfs};
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_edge-outbox");
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+// ------------------------------------------------------------------ sizes
+
+#[test]
+fn too_large_bodies_and_lines_are_refused_and_the_connection_stays_usable() {
+    let agent = Agent::builder(BIN)
+        .set_str("submit", "max_message_size", "1KiB")
+        .start();
+    let mut c = agent.client();
+    // Exactly the limit is fine, one byte more is not.
+    ok_id(&c.submit("ex", "rk", json!("x".repeat(1024))));
+    let message = refused(&c.submit("ex", "rk", json!("x".repeat(1025))), "too_large");
+    assert!(message.contains("max_message_size"), "{message}");
+    let message = refused(
+        &c.request(&json!({"exchange": "", "routing_key": "", "payload_base64": B64.encode(vec![7u8; 4096])})),
+        "too_large",
+    );
+    assert!(message.contains("max_message_size"), "{message}");
+    ok_id(&c.submit("ex", "rk", json!("fine again")));
+
+    // A line over the line limit (6 × 1 KiB + 64 KiB here) is skipped whole.
+    let line_limit = 6 * 1024 + 64 * 1024;
+    let mut huge = String::from(r#"{"exchange":"","routing_key":"","payload":""#);
+    huge.push_str(&"y".repeat(line_limit + 10_000));
+    huge.push_str("\"}");
+    c.send_line(&huge);
+    let message = refused(&c.answer(), "too_large");
+    assert!(message.contains("line"), "{message}");
+    // A line of garbage that never parses, also over the limit.
+    c.send_line(&"z".repeat(3 * line_limit));
+    refused(&c.answer(), "too_large");
+    let id = ok_id(&c.submit("ex", "rk", json!("after the long lines")));
+    assert_eq!(agent.rows(), 3);
+    assert_eq!(agent.status_of(&id), Some(Status::Delivering));
+}
+
+// ------------------------------------------------ the buffer and the disk
+
+#[test]
+fn buffer_full_refuses_without_evicting() {
+    let agent = Agent::builder(BIN).set("store", "max_pending", "3").start();
+    let mut c = agent.client();
+    for i in 0..3 {
+        ok_id(&c.submit_with_id(&format!("m-{i}"), json!(i)));
+    }
+    let message = refused(&c.submit_with_id("m-3", json!(3)), "buffer_full");
+    assert!(message.contains("max_pending"), "{message}");
+    // A duplicate of a stored message is still ok.
+    let dup = c.submit_with_id("m-1", json!("again"));
+    assert_eq!(ok_id(&dup), "m-1");
+    assert_eq!(dup["duplicate"], json!(true), "{dup}");
+    // Still refused on a new connection; nothing evicted.
+    let mut other = agent.client();
+    refused(&other.submit("ex", "rk", json!("more")), "buffer_full");
+    assert_eq!(agent.rows(), 3);
+    for i in 0..3 {
+        assert_eq!(agent.status_of(&format!("m-{i}")), Some(Status::Delivering));
+    }
+    assert_eq!(agent.status_of("m-3"), None);
+}
+
+#[test]
+fn a_full_disk_gives_storage_full_and_the_agent_recovers() {
+    let Some(fs) = Tmpfs::mount("2m") else { return };
+    let mut agent = Agent::builder(BIN)
+        .set_str(
+            "store",
+            "path",
+            fs.path().join("outbox.db").to_string_lossy(),
+        )
+        .set_str("store", "min_free_disk", "0")
+        .start();
+    let mut c = agent.client();
+    for i in 0..5 {
+        ok_id(&c.submit_with_id(&format!("before-{i}"), json!(i)));
+    }
+    let filler = fs.fill("filler", None);
+    let big = "b".repeat(256 * 1024);
+    let message = refused(&c.submit_with_id("big-1", json!(big)), "storage_full");
+    eprintln!("full disk: {message}");
+    assert!(message.contains("disk full"), "{message}");
+    // Small ones too, from any connection, and the agent keeps running.
+    let mut refusals = 0;
+    for i in 0..3 {
+        let answer = agent
+            .client()
+            .submit_with_id(&format!("small-{i}"), json!(i));
+        if answer["ok"] == json!(false) {
+            refused(&answer, "storage_full");
+            refusals += 1;
+        }
+    }
+    assert!(refusals > 0, "small submits all fit on a full disk?");
+    let status = c.request(&json!({"op": "status"}));
+    assert_eq!(status["ok"], json!(true), "{status}");
+    assert!(agent.is_running());
+    assert_eq!(agent.status_of("big-1"), None);
+
+    std::fs::remove_file(&filler).expect("removing the filler");
+    ok_id(&c.submit_with_id("big-2", json!(big)));
+    ok_id(&agent.client().submit_with_id("after-1", json!(1)));
+    for i in 0..5 {
+        assert_eq!(
+            agent.status_of(&format!("before-{i}")),
+            Some(Status::Delivering)
+        );
+    }
+    assert_eq!(agent.status_of("big-2"), Some(Status::Delivering));
+    drop(c);
+    agent.terminate();
+    let status = agent.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn min_free_disk_refuses_with_storage_full() {
+    let Some(fs) = Tmpfs::mount("8m") else { return };
+    let agent = Agent::builder(BIN)
+        .set_str(
+            "store",
+            "path",
+            fs.path().join("outbox.db").to_string_lossy(),
+        )
+        .set_str("store", "min_free_disk", "4MiB")
+        .start();
+    let mut c = agent.client();
+    ok_id(&c.submit_with_id("a", json!(1)));
+    // Leave about 3 MiB free: below the 4 MiB floor.
+    let filler = fs.fill("filler", Some(5 * 1024 * 1024));
+    let message = refused(&c.submit_with_id("b", json!(2)), "storage_full");
+    assert!(message.contains("min_free_disk"), "{message}");
+    // A duplicate of a stored message is still ok.
+    let dup = c.submit_with_id("a", json!(1));
+    assert_eq!(dup["duplicate"], json!(true), "{dup}");
+    std::fs::remove_file(&filler).expect("removing the filler");
+    ok_id(&c.submit_with_id("b", json!(2)));
+    assert_eq!(agent.rows(), 2);
+
+    // Larger than the whole filesystem: always refused.
+    let agent = Agent::builder(BIN)
+        .set_str(
+            "store",
+            "path",
+            fs.path().join("other.db").to_string_lossy(),
+        )
+        .set_str("store", "min_free_disk", "16MiB")
+        .start();
+    let message = refused(&agent.client().submit("", "", json!(1)), "storage_full");
+    assert!(message.contains("min_free_disk"), "{message}");
+    assert_eq!(agent.rows(), 0);
+}
+
+#[test]
+fn max_db_size_refuses_with_storage_full_and_evicts_nothing() {
+    let agent = Agent::builder(BIN)
+        .set_str("store", "max_db_size", "64KiB")
+        .start();
+    let mut c = agent.client();
+    let mut stored = Vec::new();
+    let mut refusal = None;
+    for i in 0..500 {
+        let id = format!("s-{i}");
+        let answer = c.submit_with_id(&id, json!("d".repeat(2000)));
+        if answer["ok"] == json!(true) {
+            stored.push(id);
+        } else {
+            refusal = Some(refused(&answer, "storage_full"));
+            break;
+        }
+    }
+    let message = refusal.expect("never refused: max_db_size not enforced");
+    assert!(message.contains("max_db_size"), "{message}");
+    assert!(
+        stored.len() >= 5,
+        "refused too early: {} stored",
+        stored.len()
+    );
+    // Still refused; duplicates of stored rows still ok; nothing evicted.
+    refused(&c.submit("", "", json!("more")), "storage_full");
+    let dup = c.submit_with_id(&stored[0], json!("again"));
+    assert_eq!(dup["duplicate"], json!(true), "{dup}");
+    assert_eq!(agent.rows(), stored.len() as i64);
+    agent.assert_all_stored(&stored);
+    let page_size = agent.db_count("PRAGMA page_size");
+    let pages = agent.db_count("PRAGMA page_count");
+    assert!(
+        pages * page_size <= 64 * 1024 + 2 * 4096 * 2,
+        "database grew to {} bytes",
+        pages * page_size
+    );
+}
+
+/// Another process holding the database's write lock (an operator's
+/// `sqlite3` shell left inside a transaction) for longer than the writer's
+/// busy timeout: a real storage error, not a full disk.
+#[test]
+fn storage_error_when_the_database_stays_locked() {
+    let agent = Agent::start(BIN);
+    let mut c = agent.client();
+    ok_id(&c.submit("ex", "rk", json!("before the lock")));
+    let locker = agent.db();
+    locker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("taking the write lock");
+    let started = Instant::now();
+    let message = refused(
+        &c.submit("ex", "rk", json!("while locked")),
+        "storage_error",
+    );
+    assert!(message.contains("locked"), "{message}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "refused before the busy timeout: {:?}",
+        started.elapsed()
+    );
+    // The agent keeps serving: status answers (readers are not blocked).
+    let status = agent.client().request(&json!({"op": "status"}));
+    assert_eq!(status["ok"], json!(true), "{status}");
+    locker
+        .execute_batch("ROLLBACK")
+        .expect("releasing the lock");
+    drop(locker);
+    ok_id(&c.submit("ex", "rk", json!("after the lock")));
+    assert_eq!(agent.rows(), 2);
+}
+
+// ------------------------------------------------------------ connections
+
+#[test]
+fn an_idle_half_line_is_closed_and_others_are_served() {
+    let agent = Agent::builder(BIN)
+        .set_str("submit", "idle_timeout", "1s")
+        .start();
+    let mut idle = agent.client();
+    idle.send_raw(br#"{"exchange":"ex","rout"#)
+        .expect("writing half a line");
+    let started = Instant::now();
+    let answers = idle.expect_closed(Duration::from_secs(15));
+    assert!(answers.is_empty(), "{answers:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "closed after {:?}, before the idle timeout",
+        started.elapsed()
+    );
+    let mut c = agent.client();
+    ok_id(&c.submit("ex", "rk", json!(1)));
+    // A client that keeps sending within the timeout is not cut off.
+    for i in 0..3 {
+        ok_id(&c.submit("ex", "rk", json!(i)));
+    }
+    assert_eq!(agent.rows(), 4);
+}
+
+/// A connection the agent admitted (it answered a submit with ok): retries
+/// while earlier connections (the harness's readiness probe, a client just
+/// dropped) still hold their slots.
+fn admitted_client(agent: &Agent, id: &str) -> Client {
+    let mut admitted = None;
+    wait_until("a free connection slot", Duration::from_secs(10), || {
+        let mut c = agent.client();
+        let line = format!(r#"{{"exchange":"","routing_key":"","payload":0,"id":"{id}"}}"#);
+        // A refused connection may be closed before the line is written.
+        let _ = c.send_raw(format!("{line}\n").as_bytes());
+        match c.read_answer() {
+            Some(a) if a["ok"] == json!(true) => {
+                admitted = Some(c);
+                true
+            }
+            Some(a) => {
+                let message = refused(&a, "buffer_full");
+                assert!(message.contains("too many connections"), "{message}");
+                false
+            }
+            None => false,
+        }
+    });
+    admitted.expect("admitted")
+}
+
+#[test]
+fn connections_beyond_max_connections_are_refused() {
+    let agent = Agent::builder(BIN)
+        .set("submit", "max_connections", "2")
+        .start();
+    let mut c1 = admitted_client(&agent, "c1");
+    let mut c2 = admitted_client(&agent, "c2");
+    let mut c3 = agent.client();
+    let answers = c3.expect_closed(Duration::from_secs(10));
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let message = refused(&answers[0], "buffer_full");
+    assert!(message.contains("too many connections"), "{message}");
+    // A refused request is not stored.
+    let mut c3 = agent.client();
+    let _ = c3.send_raw(b"{\"exchange\":\"\",\"routing_key\":\"\",\"payload\":1,\"id\":\"c3\"}\n");
+    let answers = c3.expect_closed(Duration::from_secs(10));
+    assert!(answers.len() <= 1, "{answers:?}");
+    // The two admitted connections are unaffected.
+    ok_id(&c1.submit("", "", json!(3)));
+    ok_id(&c2.submit("", "", json!(4)));
+    drop(c1);
+    // Once the agent has seen c1 go, a new connection is admitted.
+    let mut c4 = admitted_client(&agent, "c4");
+    ok_id(&c4.submit("", "", json!(5)));
+    ok_id(&c2.submit("", "", json!(6)));
+    assert_eq!(agent.rows(), 7);
+    assert_eq!(agent.status_of("c3"), None);
+}
+
+// ------------------------------------------------------------------ peers
+
+#[test]
+fn unauthorized_peers_are_refused_and_closed() {
+    // The tests run as root (uid 0): not in the list.
+    let agent = Agent::builder(BIN)
+        .set("submit", "allowed_uids", "[12345]")
+        .start();
+    let mut c = agent.client();
+    let answers = c.expect_closed(Duration::from_secs(10));
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let message = refused(&answers[0], "unauthorized");
+    assert!(message.contains("uid 0"), "{message}");
+    // A request sent anyway is not stored.
+    let mut c = agent.client();
+    c.send_line(r#"{"exchange":"","routing_key":"","payload":1}"#);
+    let answers = c.expect_closed(Duration::from_secs(10));
+    assert!(answers.len() <= 1, "{answers:?}");
+    if let Some(a) = answers.first() {
+        refused(a, "unauthorized");
+    }
+    assert_eq!(agent.rows(), 0);
+    // The CLI reports the refusal with exit 1.
+    let out = agent.cli(&["submit", "--exchange", "", "--routing-key", "", "x"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("unauthorized"), "{out:?}");
+    // `status` from a user the agent refuses still reads the database.
+    let out = agent.cli(&["status", "--json"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["source"], json!("database"), "{out:?}");
+    assert!(out.stderr.contains("unauthorized"), "{out:?}");
+}
+
+#[test]
+fn allowed_gid_admits_the_peer() {
+    let agent = Agent::builder(BIN)
+        .set("submit", "allowed_uids", "[12345]")
+        .set("submit", "allowed_gids", "[0]")
+        .start();
+    ok_id(&agent.client().submit("ex", "rk", json!(1)));
+}
