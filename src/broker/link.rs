@@ -28,11 +28,12 @@
 //!   the [`Connector`]), the setup step by `broker.connect_timeout` again,
 //!   [`close`] by [`CLOSE_WAIT`].
 //! - A connection whose setup failed is closed before the next attempt.
-//! - Every failure is logged once, with the redacted URL, and counted.
+//! - Every failure is logged once, with the caller's role and the redacted
+//!   URL, and counted in the caller's counter when it gave one
+//!   ([`Reconnect::counting_failures`]).
 
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
 use lapin::Connection;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
@@ -126,7 +127,9 @@ impl Reconnect {
     }
 
     /// One attempt: connects to the next URL, then runs `setup` on the new
-    /// connection, bounded by `broker.connect_timeout`. `step` names the
+    /// connection, bounded by `broker.connect_timeout`. `setup` is an async
+    /// closure: it borrows the connection, and may borrow the caller's own
+    /// fields (its configuration) next to this driver. `step` names the
     /// setup step in the failure of a setup that timed out.
     ///
     /// On failure the connection (if any) is closed, the failure is logged
@@ -141,7 +144,7 @@ impl Reconnect {
         setup: F,
     ) -> Result<Linked<T>, ConnectFailure>
     where
-        F: for<'c> FnOnce(&'c Connection) -> BoxFuture<'c, Result<T, SetupError>>,
+        F: AsyncFnOnce(&Connection) -> Result<T, SetupError>,
     {
         let connected = match self.connector.connect().await {
             Ok(connected) => connected,
@@ -214,8 +217,11 @@ mod tests {
     async fn a_failure_is_counted_and_backs_off() {
         let counter = Counter::default();
         let mut reconnect = unreachable().counting_failures(counter.clone());
+        // A setup step may borrow what its caller owns, as the consumer's
+        // borrows its configuration.
+        let queue = String::from("q");
         let failure = reconnect
-            .connect("setup", |_| Box::pin(async { Ok(()) }))
+            .connect("setup", async |_: &Connection| Ok(queue.len()))
             .await
             .err()
             .unwrap();

@@ -161,13 +161,13 @@ impl Forwarder {
                 probe = self.probes.recv(), if self.probes_open => self.on_probe(probe),
             }
         }
-        let attempt = self.reconnect.connect(OPEN_CHANNEL, |connection| {
-            Box::pin(async move {
+        let attempt = self
+            .reconnect
+            .connect(OPEN_CHANNEL, async |connection: &Connection| {
                 open_channel(connection)
                     .await
                     .map_err(|e| SetupError::new(format!("{OPEN_CHANNEL}: {e}")))
-            })
-        });
+            });
         let linked = tokio::select! {
             _ = shutdown.cancelled() => return Link::Stopped,
             linked = attempt => linked,
