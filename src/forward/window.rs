@@ -141,9 +141,9 @@ impl Window {
         }
         let outcomes = std::mem::take(&mut self.outcomes);
         let ids: Vec<String> = outcomes.iter().map(|o| outcome_id(o).to_string()).collect();
-        let pending = store.record_outcomes(outcomes, policy).await?;
+        let commit = store.record_outcomes(outcomes, policy).await?;
         self.settling
-            .push(Box::pin(async move { (ids, pending.await) }));
+            .push(Box::pin(async move { (ids, commit.await) }));
         Ok(())
     }
 
