@@ -27,10 +27,9 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{BrokerError, Connector};
 use crate::config::{Config, LogFormat};
 use crate::consume::Consumer;
+use crate::forward::{ForwardError, Forwarder, Resend};
 use crate::metrics::{report_source, Metrics, MetricsError, MetricsServer};
-use crate::publish::{Forwarder, PublishError};
 use crate::purge::Purge;
-use crate::resend::Resend;
 use crate::service::{self, Prober, StatusNotifier, Watchdog};
 use crate::status::{BrokerState, StatusReport};
 use crate::store::{Store, StoreError};
@@ -46,7 +45,7 @@ pub enum AppError {
     #[error(transparent)]
     Submit(#[from] SubmitError),
     #[error(transparent)]
-    Publish(#[from] PublishError),
+    Forward(#[from] ForwardError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error(transparent)]

@@ -1,10 +1,20 @@
-//! Broker: reaching RabbitMQ, shared by the forwarder and the consumer.
+//! Broker: reaching RabbitMQ, shared by the forwarder and the consumer
+//! (docs/configuration.md, `[broker]`; docs/forwarding.md, Reconnecting).
 //!
 //! Role: turn `[broker]` into connectable targets (password file and
 //! heartbeat applied), connect to them in turn with a timeout, and space
-//! failed attempts with capped exponential backoff and jitter. Each caller
-//! owns its reconnect loop (lapin's auto-recovery is not used) and its own
-//! connection.
+//! failed attempts with capped exponential backoff and jitter. lapin's
+//! auto-recovery is not used: each caller owns its connection, and drives
+//! its reconnects through one [`Reconnect`] of its own.
+//!
+//! Owns:
+//! - this file: [`BrokerTarget`]s, the [`Connector`] (one attempt at the next
+//!   URL), [`backoff`];
+//! - [`link`]: [`Reconnect`], the one reconnect driver (backoff, connect,
+//!   the caller's setup step, failure accounting) and [`close`], the bounded
+//!   clean close;
+//! - [`headers`]: the one codec between the stored JSON headers object and
+//!   an AMQP field table, both ways.
 //!
 //! Invariants:
 //! - Passwords never leave this module in text meant for people: targets
@@ -22,9 +32,14 @@ use lapin::{Connection, ConnectionProperties};
 
 use crate::config::{redact_url, BrokerConfig};
 
+pub(crate) mod headers;
+pub(crate) mod link;
+
+pub(crate) use link::{close, Linked, Reconnect, SetupError};
+
 /// First reconnect delay; doubles per failure up to [`RECONNECT_DELAY_MAX`].
-pub const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(250);
-pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(10);
+pub(crate) const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(250);
+pub(crate) const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -50,9 +65,9 @@ pub enum BrokerError {
 /// A broker to connect to: the parsed URI (password and heartbeat applied)
 /// and its redacted form for humans.
 #[derive(Clone)]
-pub struct BrokerTarget {
+pub(crate) struct BrokerTarget {
     uri: AMQPUri,
-    pub shown: String,
+    pub(crate) shown: String,
     /// For `amqps://` targets: the CA to trust and the client identity.
     tls: Option<OwnedTLSConfig>,
 }
@@ -90,7 +105,7 @@ fn tls_config(config: &BrokerConfig) -> Result<OwnedTLSConfig, BrokerError> {
 }
 
 /// Parses `broker.urls`, applies `broker.password_file` and `broker.heartbeat`.
-pub fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>, BrokerError> {
+pub(crate) fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>, BrokerError> {
     let password = match &config.password_file {
         None => None,
         Some(password_file) => {
@@ -134,6 +149,7 @@ pub fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>, Broker
 }
 
 /// Connects to `broker.urls` in turn.
+// `pub` only while `consume::Consumer::new` (pub) takes one.
 pub struct Connector {
     targets: Vec<BrokerTarget>,
     next: usize,
@@ -143,14 +159,14 @@ pub struct Connector {
 }
 
 /// A live connection and where it goes.
-pub struct Connected {
-    pub connection: Connection,
-    pub url: String,
+pub(crate) struct Connected {
+    pub(crate) connection: Connection,
+    pub(crate) url: String,
 }
 
 impl Connected {
     /// A failure of a step after connecting (opening a channel, say).
-    pub fn failure(&self, error: impl Into<String>) -> ConnectFailure {
+    pub(crate) fn failure(&self, error: impl Into<String>) -> ConnectFailure {
         ConnectFailure {
             url: self.url.clone(),
             error: error.into(),
@@ -160,13 +176,13 @@ impl Connected {
 
 /// Why an attempt failed, without the password.
 #[derive(Debug, Clone)]
-pub struct ConnectFailure {
-    pub url: String,
-    pub error: String,
+pub(crate) struct ConnectFailure {
+    pub(crate) url: String,
+    pub(crate) error: String,
 }
 
 impl Connector {
-    pub fn new(config: &BrokerConfig, role: &'static str) -> Result<Connector, BrokerError> {
+    pub(crate) fn new(config: &BrokerConfig, role: &'static str) -> Result<Connector, BrokerError> {
         Ok(Connector {
             targets: broker_targets(config)?,
             next: 0,
@@ -175,12 +191,12 @@ impl Connector {
         })
     }
 
-    pub fn connect_timeout(&self) -> Duration {
+    pub(crate) fn connect_timeout(&self) -> Duration {
         self.connect_timeout
     }
 
     /// One attempt at the next URL, bounded by `broker.connect_timeout`.
-    pub async fn connect(&mut self) -> Result<Connected, ConnectFailure> {
+    pub(crate) async fn connect(&mut self) -> Result<Connected, ConnectFailure> {
         let Some(target) = self.targets.get(self.next % self.targets.len().max(1)) else {
             return Err(ConnectFailure {
                 url: String::new(),
@@ -227,7 +243,7 @@ impl Connector {
 }
 
 /// Capped exponential backoff with jitter: in [delay/2, delay].
-pub fn backoff(failures: u32) -> Duration {
+pub(crate) fn backoff(failures: u32) -> Duration {
     let exp = RECONNECT_DELAY_MIN.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     let cap = exp.min(RECONNECT_DELAY_MAX);
     cap.mul_f64(0.5 + fastrand::f64() * 0.5)
