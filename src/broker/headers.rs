@@ -52,10 +52,6 @@ pub(crate) fn encode(json: &str) -> Option<FieldTable> {
 }
 
 /// A delivery's AMQP headers as the JSON object `msg_log.headers` holds.
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the consumer's copy moves here at the merge")
-)]
 pub(crate) fn decode(table: &FieldTable) -> String {
     let mut map = serde_json::Map::new();
     for (name, value) in table.inner() {

@@ -65,10 +65,6 @@ impl SetupError {
     }
 
     /// The next attempt waits `wait` instead of the backoff.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the consumer moves onto this driver at the merge")
-    )]
     pub(crate) fn retry_after(mut self, wait: Duration) -> SetupError {
         self.retry_after = Some(wait);
         self

@@ -9,7 +9,8 @@
 //! The link is a state machine ([`Link`]): `down()` waits out the backoff,
 //! connects, declares the topology and starts consuming → `Up`; `up()` runs
 //! the delivery loop until the connection is lost (→ `Down`) or shutdown
-//! (→ `Stopped`); `failed()` turns a failed attempt into the next `Down`.
+//! (→ `Stopped`). Backoff, connecting across `broker.urls`, failure logs
+//! and the bounded close are the shared driver's (`broker::Reconnect`).
 //!
 //! Invariants:
 //! - A declaration the broker refuses (406) is retried after
@@ -39,7 +40,7 @@ use super::handler::Handler;
 use super::in_flight::InFlight;
 use super::topology;
 use super::ConsumeError;
-use crate::broker::{backoff, ConnectFailure, Connector};
+use crate::broker::{self, Connector, Reconnect, SetupError};
 use crate::config::ConsumerConfig;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -47,6 +48,8 @@ use crate::store::{Store, StoreError};
 /// After the broker refused our declarations, wait this long before trying
 /// again: the fix is an operator's, not a retry's.
 const DECLARE_RETRY: Duration = Duration::from_secs(60);
+/// What the consumer's setup step does, for the driver's log lines.
+const DECLARE: &str = "declaring the consumer's topology";
 /// How long shutdown waits for running handlers at most.
 const SHUTDOWN_HANDLER_WAIT: Duration = Duration::from_secs(8);
 
@@ -55,7 +58,7 @@ pub struct Consumer {
     /// `consumer.queue`: set, or there would be no consumer.
     queue: String,
     config: ConsumerConfig,
-    connector: Connector,
+    reconnect: Reconnect,
     store: Store,
     /// Shared with every running delivery.
     handler: Arc<Handler>,
@@ -67,11 +70,7 @@ enum Link {
     /// No connection; after a backoff delay it connects and declares →
     /// `Up`; `Down` again on failure (a long wait after a refused
     /// declaration). Shutdown → stop.
-    Down {
-        failures: u32,
-        /// Overrides the backoff (after a refused declaration).
-        wait: Option<Duration>,
-    },
+    Down,
     /// Consuming. Connection or channel lost → `Down` (running handlers
     /// finish; their acks may be lost, redelivery plus dedupe covers it).
     /// Shutdown → cancel, let handlers finish (bounded), close, stop.
@@ -100,7 +99,7 @@ impl Consumer {
         Consumer {
             queue,
             config,
-            connector,
+            reconnect: Reconnect::new(connector),
             store,
             handler,
             metrics,
@@ -108,104 +107,47 @@ impl Consumer {
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
-        let mut link = Link::Down {
-            failures: 0,
-            wait: None,
-        };
+        let mut link = Link::Down;
         loop {
             link = match link {
-                Link::Down { failures, wait } => self.down(failures, wait, &shutdown).await,
+                Link::Down => self.down(&shutdown).await,
                 Link::Up(session) => self.up(*session, &shutdown).await?,
                 Link::Stopped => return Ok(()),
             };
         }
     }
 
-    async fn down(
-        &mut self,
-        failures: u32,
-        wait: Option<Duration>,
-        shutdown: &CancellationToken,
-    ) -> Link {
-        let delay = wait.unwrap_or_else(|| {
-            if failures == 0 {
-                Duration::ZERO
-            } else {
-                backoff(failures)
-            }
-        });
+    async fn down(&mut self, shutdown: &CancellationToken) -> Link {
         tokio::select! {
             _ = shutdown.cancelled() => return Link::Stopped,
-            _ = tokio::time::sleep(delay) => {}
+            _ = self.reconnect.wait_backoff() => {}
         }
-        let connected = tokio::select! {
+        let (queue, config) = (&self.queue, &self.config);
+        let attempt = self
+            .reconnect
+            .connect(DECLARE, async |connection: &Connection| {
+                declare_and_consume(queue, config, connection)
+                    .await
+                    .map_err(|e| declare_failure(queue, &e))
+            });
+        let linked = tokio::select! {
             _ = shutdown.cancelled() => return Link::Stopped,
-            connected = self.connector.connect() => connected,
+            linked = attempt => linked,
         };
-        let connected = match connected {
-            Ok(c) => c,
-            Err(failure) => return self.failed(failure, failures, None),
-        };
-        let setup = tokio::time::timeout(
-            self.connector.connect_timeout(),
-            self.declare_and_consume(&connected.connection),
-        )
-        .await;
-        match setup {
-            Ok(Ok((channel, consumer, tag))) => {
-                tracing::info!(broker = %connected.url, queue = %self.queue, "consuming");
+        match linked {
+            Ok(linked) => {
+                let (channel, consumer, tag) = linked.setup;
+                tracing::info!(broker = %linked.url, queue = %self.queue, "consuming");
                 Link::Up(Box::new(Session {
-                    connection: connected.connection,
+                    connection: linked.connection,
                     channel,
                     consumer,
                     tag,
                 }))
             }
-            Ok(Err(e)) => {
-                let refused = matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406);
-                let _ = connected.connection.close(200, "setup failed".into()).await;
-                if refused {
-                    tracing::error!(queue = %self.queue, error = %e,
-                        "the broker refused the consumer's declarations (406: the queue or exchange exists with other arguments); fix the broker or the [consumer] configuration");
-                    let failure = connected.failure(format!("declaration refused: {e}"));
-                    return self.failed(failure, failures, Some(DECLARE_RETRY));
-                }
-                let failure = connected.failure(format!("declaring the consumer's topology: {e}"));
-                self.failed(failure, failures, None)
-            }
-            Err(_) => {
-                let failure = connected.failure("declaring the consumer's topology: timed out");
-                self.failed(failure, failures, None)
-            }
+            // The driver logged and counted it, and set the next wait.
+            Err(_) => Link::Down,
         }
-    }
-
-    fn failed(&self, failure: ConnectFailure, failures: u32, wait: Option<Duration>) -> Link {
-        tracing::warn!(broker = %failure.url, error = %failure.error, "consumer cannot connect");
-        Link::Down {
-            failures: failures + 1,
-            wait,
-        }
-    }
-
-    /// Declares the topology (exchanges, the queue, its bindings, the
-    /// dead-letter exchange, the prefetch), starts consuming.
-    async fn declare_and_consume(
-        &self,
-        connection: &Connection,
-    ) -> lapin::Result<(Channel, lapin::Consumer, String)> {
-        let channel = connection.create_channel().await?;
-        topology::declare(&channel, &self.queue, &self.config).await?;
-        let tag = format!("edge-outbox-{}", uuid::Uuid::now_v7().simple());
-        let consumer = channel
-            .basic_consume(
-                self.queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok((channel, consumer, tag))
     }
 
     async fn up(
@@ -227,11 +169,7 @@ impl Consumer {
                     let wait = self.config.handler_timeout.min(SHUTDOWN_HANDLER_WAIT);
                     let _ = tokio::time::timeout(wait, drain(&mut running)).await;
                     running.abort_all();
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        session.connection.close(200, "edge-outbox shutting down".into()),
-                    )
-                    .await;
+                    broker::close(&session.connection, "edge-outbox shutting down").await;
                     return Ok(Link::Stopped);
                 }
                 Some(done) = running.join_next(), if !running.is_empty() => {
@@ -264,11 +202,42 @@ impl Consumer {
         // Handlers of the lost channel finish; their acks fail harmlessly.
         let _ = tokio::time::timeout(SHUTDOWN_HANDLER_WAIT, drain(&mut running)).await;
         running.abort_all();
-        let _ = session.connection.close(200, "reconnecting".into()).await;
-        Ok(Link::Down {
-            failures: 0,
-            wait: None,
-        })
+        broker::close(&session.connection, "reconnecting").await;
+        Ok(Link::Down)
+    }
+}
+
+/// Declares the topology (exchanges, the queue, its bindings, the
+/// dead-letter exchange, the prefetch), starts consuming.
+async fn declare_and_consume(
+    queue: &str,
+    config: &ConsumerConfig,
+    connection: &Connection,
+) -> lapin::Result<(Channel, lapin::Consumer, String)> {
+    let channel = connection.create_channel().await?;
+    topology::declare(&channel, queue, config).await?;
+    let tag = format!("edge-outbox-{}", uuid::Uuid::now_v7().simple());
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer, tag))
+}
+
+/// A refused declaration (406: the queue or exchange exists with other
+/// arguments) waits [`DECLARE_RETRY`]: only an operator can fix it.
+fn declare_failure(queue: &str, e: &lapin::Error) -> SetupError {
+    let refused = matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406);
+    if refused {
+        tracing::error!(queue = %queue, error = %e,
+            "the broker refused the consumer's declarations (406: the queue or exchange exists with other arguments); fix the broker or the [consumer] configuration");
+        SetupError::new(format!("declaration refused: {e}")).retry_after(DECLARE_RETRY)
+    } else {
+        SetupError::new(format!("{DECLARE}: {e}"))
     }
 }
 

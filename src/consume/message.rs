@@ -10,7 +10,7 @@
 
 use lapin::message::Delivery;
 
-use super::headers::headers_json;
+use crate::broker::headers;
 use crate::store::Delivered;
 
 /// What a handler sees of a delivery.
@@ -40,7 +40,7 @@ impl Message {
             routing_key: delivery.routing_key.as_str().to_string(),
             redelivered: delivery.redelivered,
             body: delivery.data.clone(),
-            headers: properties.headers().as_ref().map(headers_json),
+            headers: properties.headers().as_ref().map(headers::decode),
             content_type: properties
                 .content_type()
                 .as_ref()

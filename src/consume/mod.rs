@@ -56,7 +56,6 @@ mod consumer;
 mod decision;
 mod delivery;
 mod handler;
-mod headers;
 mod in_flight;
 mod message;
 mod topology;
