@@ -26,6 +26,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod consume;
+pub(crate) mod digest;
 pub mod forward;
 pub mod metrics;
 pub(crate) mod protocol;

@@ -383,6 +383,25 @@ pub struct Store {
     reader: Reader,
 }
 
+/// A row of `SELECT rowid, id, msg, exchange, routing_key, headers,
+/// content_type, create_time`.
+fn outgoing_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutgoingRow> {
+    let body = match r.get_ref(2)? {
+        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => t.to_vec(),
+        _ => Vec::new(),
+    };
+    Ok(OutgoingRow {
+        rowid: r.get(0)?,
+        id: r.get(1)?,
+        body,
+        exchange: r.get(3)?,
+        routing_key: r.get(4)?,
+        headers: r.get(5)?,
+        content_type: r.get(6)?,
+        create_time: r.get(7)?,
+    })
+}
+
 /// Read-only access: the reader pool. What the CLI uses when the agent is down.
 #[derive(Clone)]
 pub struct Reader {
@@ -1286,26 +1305,21 @@ impl Reader {
         )?;
         let rows = stmt.query_map(
             params![after_rowid, now, i64::try_from(limit).unwrap_or(i64::MAX)],
-            |r| {
-                let body = match r.get_ref(2)? {
-                    rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
-                        t.to_vec()
-                    }
-                    _ => Vec::new(),
-                };
-                Ok(OutgoingRow {
-                    rowid: r.get(0)?,
-                    id: r.get(1)?,
-                    body,
-                    exchange: r.get(3)?,
-                    routing_key: r.get(4)?,
-                    headers: r.get(5)?,
-                    content_type: r.get(6)?,
-                    create_time: r.get(7)?,
-                })
-            },
+            outgoing_row,
         )?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// One delivering row as the forwarder publishes it, if it is still
+    /// delivering (the forwarder re-reads a suspect it isolates).
+    pub fn outgoing(&self, id: &str) -> Result<Option<OutgoingRow>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT rowid, id, msg, exchange, routing_key, headers, content_type, create_time \
+             FROM msg_log WHERE status = 0 AND id = ?1",
+        )?;
+        let row = stmt.query_row(params![id], outgoing_row).optional()?;
+        Ok(row)
     }
 
     /// How many rows a purge with `cutoffs` would delete, per status.

@@ -23,10 +23,11 @@
 //! - [`Backlog::next`] is cancel-safe: the forwarder polls it in a
 //!   `select!`, and a page read in progress survives for the next call.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use tokio::task::JoinHandle;
 
+use super::ledger::Ledger;
 use crate::store::{now_ms, OutgoingRow, Reader, StoreError};
 
 /// Rows read per page.
@@ -44,6 +45,11 @@ pub(crate) struct Backlog {
     reading: Option<JoinHandle<Result<Vec<OutgoingRow>, StoreError>>>,
     /// The current pass found nothing more; new rows or a rewind wake it.
     exhausted: bool,
+    /// New rows were committed since the page read in progress started: an
+    /// empty answer from that read says nothing about them, so it must not
+    /// end the pass (the lost wakeup: a row committed during a read would
+    /// otherwise wait for the next resend pass).
+    more_since_read: bool,
     /// Rows handed out by the current pass.
     handed_out: u64,
 }
@@ -56,6 +62,7 @@ impl Backlog {
             page: VecDeque::new(),
             reading: None,
             exhausted: false,
+            more_since_read: false,
             handed_out: 0,
         }
     }
@@ -73,6 +80,7 @@ impl Backlog {
     /// New rows were committed: the current pass goes on past its end.
     pub(crate) fn more_rows(&mut self) {
         self.exhausted = false;
+        self.more_since_read = true;
     }
 
     /// Nothing to hand out until new rows or a rewind.
@@ -88,23 +96,25 @@ impl Backlog {
     fn start_read(&mut self) {
         let reader = self.reader.clone();
         let after = self.cursor;
+        self.more_since_read = false;
         self.reading = Some(tokio::task::spawn_blocking(move || {
             reader.due_page(after, now_ms(), PAGE_SIZE)
         }));
     }
 
-    /// The next due row not in `in_flight`, or `None` when the pass is done.
-    /// Cancel-safe: a page read in progress is kept for the next call.
+    /// The next due row the ledger does not hold, or `None` when the pass
+    /// is done. Cancel-safe: a page read in progress is kept for the next
+    /// call.
     pub(crate) async fn next(
         &mut self,
-        in_flight: &HashSet<String>,
+        ledger: &Ledger,
     ) -> Result<Option<OutgoingRow>, StoreError> {
         loop {
             if self.page.len() < PAGE_SIZE / 4 && self.reading.is_none() && !self.exhausted {
                 self.start_read();
             }
             while let Some(row) = self.page.pop_front() {
-                if !in_flight.contains(&row.id) {
+                if !ledger.holds(&row.id) {
                     self.handed_out += 1;
                     return Ok(Some(row));
                 }
@@ -119,6 +129,7 @@ impl Backlog {
             let page = page??;
             match page.last() {
                 Some(last) => self.cursor = last.rowid,
+                None if self.more_since_read => {}
                 None => self.exhausted = true,
             }
             self.page.extend(page);

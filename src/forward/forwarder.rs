@@ -1,45 +1,57 @@
-//! Forwarder: the lapin loop (docs/forwarding.md, Publishing, Outcomes and
-//! Reconnecting).
+//! Forwarder: the lapin loop around the ledger (docs/forwarding.md,
+//! Connection, Outcomes, Isolating a message the broker refuses).
 //!
 //! Role: the one task that talks to the broker for publishing. It keeps the
 //! link through [`Link`] (states in the module header of
-//! [`crate::forward`]), publishes the rows its [`Backlog`] hands out, awaits
-//! their confirms, hands their outcomes to the store, and answers pass
-//! requests and watchdog probes whatever the link's state.
+//! [`crate::forward`]), asks the [`Ledger`] what may go out next, publishes
+//! it, feeds every broker answer back to the ledger, hands the outcomes to
+//! the store, and answers pass requests and watchdog probes whatever the
+//! link's state. It decides nothing itself: the ledger decides what an
+//! answer means, [`Exchanges`] what is known of an exchange, the
+//! [`Digest`] when a failure is worth a log line.
 //!
-//! Owns: the [`Reconnect`] driver and the live [`Session`], the
-//! [`Window`] of rows in flight, the [`BrokerState`] updates, the pass
-//! waiters.
+//! Owns: the [`Reconnect`] driver and the live [`Session`], the [`Window`]
+//! (ledger and futures), the [`BrokerState`] updates, the pass waiters.
 //!
 //! Invariants:
-//! - Outcomes are handed to the store before the loop waits again, so a
-//!   commit is never held back by an idle link.
-//! - Every publish and every confirm await has a timeout; the shutdown
-//!   drain is bounded by [`SHUTDOWN_CONFIRM_WAIT`], the close by
-//!   [`crate::broker::link::CLOSE_WAIT`].
-//! - Confirms carry the generation of their channel, so a confirm of a
-//!   channel since closed is told apart in the logs.
+//! - Before the first publish of a connection the agent's own consumer
+//!   topology is declared, so nothing is sent to an exchange the agent
+//!   itself creates before it exists.
+//! - A row for an exchange not known to exist is preceded by a passive
+//!   declare on a channel of its own; the publishing channel never carries
+//!   a publish the broker is known to refuse.
+//! - A confirm timeout is charged only after the broker answered a
+//!   liveness probe sent after it; no answer → the link is dropped and
+//!   nothing is charged.
+//! - A closed publishing channel is reopened only once it is fully closed,
+//!   and after a growing pause when closes come in a row.
+//! - Outcomes are handed to the store before the loop waits again.
+//! - Every publish, confirm, probe and declare await has a timeout.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{Stream, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Channel, Confirmation, Connection, Event};
+use lapin::{Channel, Connection, Event};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::backlog::Backlog;
-use super::outcome::{classify, properties, Attempt};
+use super::exchanges::{Exchanges, Known};
+use super::ledger::{Next, Reply, Settle};
+use super::outcome::{blames_a_message, confirm_event, properties, ConfirmEvent};
 use super::resend::{PassReport, PassRequest};
-use super::window::{Confirmed, Window};
+use super::side::{self, Pace};
+use super::window::{Confirmed, Sent, Window};
 use crate::broker::{self, ConnectFailure, Connector, Linked, Reconnect, SetupError};
-use crate::config::PublishConfig;
+use crate::config::{ConsumerConfig, PublishConfig};
+use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::service::{self, ProbeRx};
 use crate::status::BrokerState;
-use crate::store::{now_ms, OutgoingRow, PublishOutcome, RetryPolicy, Store, StoreError};
+use crate::store::{now_ms, OutgoingRow, RetryPolicy, Store, StoreError};
 
 /// How long shutdown waits for outstanding confirms.
 const SHUTDOWN_CONFIRM_WAIT: Duration = Duration::from_secs(5);
@@ -58,16 +70,43 @@ struct Session {
     connection: Connection,
     channel: Channel,
     events: Pin<Box<dyn Stream<Item = Event> + Send>>,
-    /// Bumped per channel, so confirms of a closed channel are told apart.
+    /// Bumped per channel, so answers about a closed channel are told apart.
     generation: u64,
     /// The broker asked publishers to pause (memory or disk alarm): nothing
     /// is published, and a confirm timeout is not the message's fault.
     blocked: bool,
 }
 
+impl Session {
+    /// What publishing needs of the session, without its event stream
+    /// (which is not `Sync`, so a `&Session` cannot be held across an await).
+    fn wire(&self) -> Wire<'_> {
+        Wire {
+            connection: &self.connection,
+            channel: &self.channel,
+            generation: self.generation,
+            blocked: self.blocked,
+        }
+    }
+}
+
+/// A view of the live session for publishing (see [`Session::wire`]).
+#[derive(Clone, Copy)]
+struct Wire<'a> {
+    connection: &'a Connection,
+    channel: &'a Channel,
+    generation: u64,
+    blocked: bool,
+}
+
+/// The agent's own consumer's queue and configuration, when it has one.
+pub(crate) type OwnTopology = Option<(String, ConsumerConfig)>;
+
 /// The forwarder task.
 pub(crate) struct Forwarder {
     config: PublishConfig,
+    /// Declared on every new connection before anything is published.
+    topology: OwnTopology,
     reconnect: Reconnect,
     store: Store,
     state: BrokerState,
@@ -79,6 +118,13 @@ pub(crate) struct Forwarder {
     pass_waiters: Vec<oneshot::Sender<PassReport>>,
     backlog: Backlog,
     window: Window,
+    exchanges: Exchanges,
+    /// Publish failures per (exchange, routing key, reason), for the log.
+    failures: Digest<(String, String, String)>,
+    /// "Lost the broker connection" lines.
+    losses: Digest<()>,
+    /// Reopening the publishing channel after closes in a row.
+    reopens: Pace,
     /// The latest channel's generation (see [`Session::generation`]).
     generation: u64,
 }
@@ -86,14 +132,8 @@ pub(crate) struct Forwarder {
 /// Where the forwarder is with the broker (see the module header of
 /// [`crate::forward`]).
 enum Link {
-    /// No connection: waits out the backoff, then connects → `Up`, or
-    /// `Down` again. Shutdown → stop.
     Down,
-    /// Connected, channel in confirm mode, publishing. Connection lost →
-    /// `Down`; channel closed by the broker → reopened, stays `Up`;
-    /// shutdown → drain confirms, close, stop.
     Up(Box<Session>),
-    /// Shutdown finished.
     Stopped,
 }
 
@@ -101,6 +141,7 @@ impl Forwarder {
     /// The forwarder and the sender its [`super::Resend`] uses.
     pub(crate) fn new(
         config: PublishConfig,
+        topology: OwnTopology,
         connector: Connector,
         store: Store,
         state: BrokerState,
@@ -111,8 +152,10 @@ impl Forwarder {
         let backlog = Backlog::new(store.reader().clone());
         let reconnect =
             Reconnect::new(connector).counting_failures(metrics.connect_failures.clone());
+        let window = Window::new(config.max_in_flight.get());
         let forwarder = Forwarder {
             config,
+            topology,
             reconnect,
             store,
             state,
@@ -123,7 +166,11 @@ impl Forwarder {
             probes_open: true,
             pass_waiters: Vec::new(),
             backlog,
-            window: Window::new(),
+            window,
+            exchanges: Exchanges::default(),
+            failures: Digest::default(),
+            losses: Digest::default(),
+            reopens: Pace::default(),
             generation: 0,
         };
         (forwarder, tx)
@@ -151,7 +198,8 @@ impl Forwarder {
     }
 
     /// Waits out the backoff (answering pass requests and probes
-    /// meanwhile), then one attempt to connect and open a confirm channel.
+    /// meanwhile), then one attempt to connect, declare the agent's own
+    /// topology and open a confirm channel.
     async fn down(&mut self, shutdown: &CancellationToken) -> Link {
         loop {
             tokio::select! {
@@ -161,9 +209,13 @@ impl Forwarder {
                 probe = self.probes.recv(), if self.probes_open => self.on_probe(probe),
             }
         }
+        let topology = &self.topology;
         let attempt = self
             .reconnect
             .connect(OPEN_CHANNEL, async |connection: &Connection| {
+                if let Some((queue, consumer)) = topology {
+                    side::declare_own_topology(connection, queue, consumer).await;
+                }
                 open_channel(connection)
                     .await
                     .map_err(|e| SetupError::new(format!("{OPEN_CHANNEL}: {e}")))
@@ -189,6 +241,8 @@ impl Forwarder {
             s.last_error = None;
             s.blocked = false;
         });
+        // A new connection may meet a changed broker: ask again.
+        self.exchanges.forget_all();
         // Drain the backlog now, unconfirmed rows of the last link first.
         self.backlog.rewind();
         self.generation += 1;
@@ -215,27 +269,33 @@ impl Forwarder {
         Link::Down
     }
 
-    /// Publishes while connected; returns the next link state. Each arm of
-    /// the `select!` is one method below.
+    /// Publishes while connected; returns the next link state. The ledger
+    /// says what may go out: a suspect (published at once), backlog rows
+    /// (the `select!` arm), or nothing until an answer comes.
     async fn up(
         &mut self,
         mut session: Session,
         shutdown: &CancellationToken,
     ) -> Result<Link, ForwardError> {
         let new_rows = self.store.new_rows();
+        let mut tick = tokio::time::interval(crate::digest::PERIOD / 10);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let lost = loop {
             if let Err(lost) = self.check_link(&mut session).await {
                 break lost;
             }
             self.flush_outcomes().await?;
-            let in_flight = self.window.awaiting();
-            self.state.update(|s| {
-                s.in_flight = in_flight as u64;
-                s.blocked = session.blocked;
-            });
-            let can_publish = in_flight < self.config.max_in_flight.get()
-                && !session.blocked
-                && !self.backlog.exhausted();
+            self.show_state(&session);
+            let next = if session.blocked {
+                Next::Wait
+            } else {
+                self.window.ledger.next()
+            };
+            if let Next::Suspect(id) = next {
+                self.publish_suspect(session.wire(), id).await?;
+                continue;
+            }
+            let from_backlog = next == Next::Backlog && !self.backlog.exhausted();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return self.stop(session).await,
@@ -245,16 +305,19 @@ impl Forwarder {
                     }
                 }
                 Some(confirmed) = self.window.confirms.next(), if !self.window.confirms.is_empty() => {
-                    self.on_confirms(confirmed, &session);
+                    if let Some(lost) = self.on_confirms(confirmed, session.wire()).await {
+                        break lost;
+                    }
                 }
                 Some(settled) = self.window.settling.next(), if !self.window.settling.is_empty() => {
                     self.window.settled(settled);
                 }
                 request = self.passes.recv(), if self.passes_open => self.on_pass_request(request),
                 probe = self.probes.recv(), if self.probes_open => self.on_probe(probe),
+                _ = tick.tick() => self.report_failures(),
                 _ = new_rows.notified() => self.backlog.more_rows(),
-                row = self.backlog.next(&self.window.in_flight), if can_publish => match row? {
-                    Some(row) => self.publish(&session.channel, session.generation, row).await,
+                row = self.backlog.next(&self.window.ledger), if from_backlog => match row? {
+                    Some(row) => self.route(session.wire(), row).await,
                     None => self.pass_done(),
                 },
             }
@@ -264,9 +327,19 @@ impl Forwarder {
         Ok(Link::Down)
     }
 
+    fn show_state(&self, session: &Session) {
+        let in_flight = self.window.ledger.unconfirmed() as u64;
+        self.state.update(|s| {
+            s.in_flight = in_flight;
+            s.blocked = session.blocked;
+        });
+    }
+
     /// `Err(reason)` when the connection is gone. A channel the broker
-    /// closed (a 404, say) is reopened on the live connection, and the
-    /// backlog starts over so nothing it had taken is left behind.
+    /// closed is reopened on the live connection once its close is
+    /// complete (no frame of ours may follow the close-ok), after the pause
+    /// [`Pace`] asks for, and the backlog starts over so nothing it had
+    /// taken is left behind.
     async fn check_link(&mut self, session: &mut Session) -> Result<(), String> {
         if !session.connection.status().connected() {
             return Err("the connection closed".into());
@@ -274,6 +347,8 @@ impl Forwarder {
         if session.channel.status().connected() {
             return Ok(());
         }
+        side::until_closed(&session.channel).await;
+        tokio::time::sleep(self.reopens.next_delay(Instant::now())).await;
         let reopened = tokio::time::timeout(
             self.reconnect.connect_timeout(),
             open_channel(&session.connection),
@@ -286,7 +361,7 @@ impl Forwarder {
                 session.generation = self.generation;
                 self.backlog.rewind();
                 self.metrics.channel_closes.inc();
-                tracing::info!("reopened the publishing channel");
+                tracing::debug!("reopened the publishing channel");
                 Ok(())
             }
             Ok(Err(e)) => Err(format!("cannot reopen the channel: {e}")),
@@ -297,12 +372,11 @@ impl Forwarder {
     /// One event of the connection; `Some(reason)` when it is lost.
     fn on_event(&mut self, event: Option<Event>, session: &mut Session) -> Option<String> {
         match event {
-            // A channel-level error (a 404 closing our channel) is reported
-            // here too; the connection lives on and the channel is reopened
-            // by `check_link`.
             Some(Event::Error(e)) if !session.connection.status().connected() => {
                 return Some(e.to_string())
             }
+            // A channel-level error closing our channel: the confirms of
+            // its rows say so, and `check_link` reopens it.
             Some(Event::Error(e)) => {
                 tracing::debug!(error = %e, "channel error; the connection is still up");
             }
@@ -320,48 +394,160 @@ impl Forwarder {
         None
     }
 
-    /// A confirm arrived: it and every other one already there.
-    fn on_confirms(&mut self, first: Confirmed, session: &Session) {
-        let link_ok = !session.blocked && session.connection.status().connected();
-        self.on_confirm(first, link_ok);
+    /// A confirm arrived: it and every other one already there. Rows whose
+    /// confirm timed out are charged only if the broker then answers a
+    /// liveness probe; `Some(reason)` when it does not (the link is dead).
+    async fn on_confirms(&mut self, first: Confirmed, session: Wire<'_>) -> Option<String> {
+        let mut overdue = Vec::new();
+        self.on_confirm(first, session, &mut overdue);
         while let Some(more) = self.window.ready_confirm() {
-            self.on_confirm(more, link_ok);
+            self.on_confirm(more, session, &mut overdue);
+        }
+        if overdue.is_empty() {
+            return None;
+        }
+        let timeout = self.reconnect.connect_timeout();
+        if !side::link_alive(session.connection, timeout).await {
+            return Some(format!(
+                "{} confirms overdue and no answer to a liveness probe within {}",
+                overdue.len(),
+                humantime::format_duration(timeout)
+            ));
+        }
+        let reason = format!(
+            "no confirm within publish.confirm_timeout ({}) while the broker answered",
+            humantime::format_duration(self.config.confirm_timeout)
+        );
+        let ids: Vec<String> = overdue.iter().map(|c| c.id.clone()).collect();
+        for settle in self.window.ledger.charge_overdue(&ids, &reason) {
+            if let Some(c) = overdue.iter().find(|c| c.id == settle.id()) {
+                self.note_failure(&c.exchange, &c.routing_key, &reason);
+            }
+            self.window.record(settle);
+        }
+        None
+    }
+
+    fn on_confirm(&mut self, c: Confirmed, session: Wire<'_>, overdue: &mut Vec<Confirmed>) {
+        match confirm_event(&c.result) {
+            ConfirmEvent::Reply(reply) => {
+                let m = &self.metrics;
+                match &reply {
+                    Reply::Ack => {
+                        m.confirms.inc();
+                        m.confirm_latency.observe(c.sent_at.elapsed().as_secs_f64());
+                    }
+                    Reply::Returned { .. } => {
+                        m.returns.inc();
+                    }
+                    Reply::Nack => {
+                        m.nacks.inc();
+                    }
+                }
+                if let Some(settle) = self.window.ledger.confirmed(&c.id, c.generation, reply) {
+                    self.settle(&c, settle);
+                }
+            }
+            ConfirmEvent::Closed(close) => {
+                // The first answer about a closed channel accounts for all
+                // its rows; later ones are stale.
+                let blame = close.filter(|close| blames_a_message(close.code));
+                if blame.as_ref().is_some_and(|close| close.code == 404) {
+                    self.exchanges.forget_all();
+                }
+                let settles = self
+                    .window
+                    .ledger
+                    .channel_closed(c.generation, blame.as_ref());
+                if let Some(blame) = &blame {
+                    tracing::debug!(generation = c.generation, error = %blame, charged = settles.len(), "the broker closed the publishing channel");
+                }
+                for settle in settles {
+                    self.settle(&c, settle);
+                }
+            }
+            ConfirmEvent::TimedOut => {
+                self.metrics.confirm_timeouts.inc();
+                if !self.window.ledger.awaits(&c.id, c.generation) {
+                    return;
+                }
+                if session.blocked {
+                    self.window.ledger.forget(&c.id, c.generation);
+                    self.backlog.rewind();
+                } else {
+                    overdue.push(c);
+                }
+            }
         }
     }
 
-    /// Shutdown with a link: drain (bounded), close (bounded), stop.
-    async fn stop(&mut self, session: Session) -> Result<Link, ForwardError> {
-        self.drain(&session.connection).await?;
-        broker::close(&session.connection, "edge-outbox shutting down").await;
-        self.state.update(|s| {
-            s.connected = false;
-            s.since = Some(now_ms());
-            s.in_flight = 0;
-        });
-        Ok(Link::Stopped)
+    /// Records an outcome the ledger decided; a failure also feeds the log
+    /// digest.
+    fn settle(&mut self, c: &Confirmed, settle: Settle) {
+        if let Settle::Rejected(id, reason) = &settle {
+            tracing::debug!(message_id = %id, error = %reason, "publish attempt failed");
+            if *id == c.id {
+                self.note_failure(&c.exchange, &c.routing_key, reason);
+            }
+        }
+        self.window.record(settle);
     }
 
-    /// The link is gone: every unconfirmed row is unknown (due again, no
-    /// attempt counted); outcomes already known are still recorded.
-    fn link_lost(&mut self, reason: &str) {
-        let unknown = self.window.abandon();
-        tracing::warn!(error = %reason, unconfirmed = unknown, "lost the broker connection; unconfirmed messages will be published again");
-        let since = now_ms();
-        self.state.update(|s| {
-            s.connected = false;
-            s.since = Some(since);
-            s.in_flight = 0;
-            s.blocked = false;
-            s.last_error = Some(reason.to_string());
-        });
+    /// Publishes a suspect again (read back from the database: the ledger
+    /// keeps ids, not bodies). A row no longer delivering is let go.
+    async fn publish_suspect(&mut self, session: Wire<'_>, id: String) -> Result<(), ForwardError> {
+        let reader = self.store.reader().clone();
+        let lookup = id.clone();
+        let row = tokio::task::spawn_blocking(move || reader.outgoing(&lookup))
+            .await
+            .map_err(|e| StoreError::WriteFailed(format!("suspect read: {e}")))??;
+        match row {
+            Some(row) => self.route(session, row).await,
+            None => self.window.ledger.vanished(&id),
+        }
+        Ok(())
     }
 
-    async fn publish(&mut self, channel: &Channel, generation: u64, row: OutgoingRow) {
-        let properties = properties(&row);
-        self.window.publishing(&row.id);
+    /// Publishes a row unless the broker is known to refuse its exchange;
+    /// an exchange not known either way is asked about first.
+    async fn route(&mut self, session: Wire<'_>, row: OutgoingRow) {
+        match self.exchanges.lookup(&row.exchange, Instant::now()) {
+            Known::Exists => self.publish(session, row).await,
+            Known::Missing(reply) => self.refuse(&row, reply),
+            Known::Unknown => {
+                let timeout = self.reconnect.connect_timeout();
+                match side::check_exchange(session.connection, &row.exchange, timeout).await {
+                    Some(answer) => {
+                        self.exchanges
+                            .answered(&row.exchange, answer.clone(), Instant::now());
+                        match answer {
+                            None => self.publish(session, row).await,
+                            Some(reply) => self.refuse(&row, reply),
+                        }
+                    }
+                    // No answer: the row goes out with the next pass.
+                    None => self.window.ledger.not_sent(&row.id),
+                }
+            }
+        }
+    }
+
+    /// One failed attempt for a row that was not published.
+    fn refuse(&mut self, row: &OutgoingRow, reason: String) {
+        tracing::debug!(message_id = %row.id, error = %reason, "publish attempt failed");
+        self.note_failure(&row.exchange, &row.routing_key, &reason);
+        let settle = self.window.ledger.refuse(&row.id, reason);
+        self.window.record(settle);
+    }
+
+    async fn publish(&mut self, session: Wire<'_>, row: OutgoingRow) {
+        let properties = match properties(&row) {
+            Ok(properties) => properties,
+            Err(e) => return self.refuse(&row, format!("cannot be published: {e}")),
+        };
         let sent = tokio::time::timeout(
             self.config.confirm_timeout,
-            channel.basic_publish(
+            session.channel.basic_publish(
                 row.exchange.as_str().into(),
                 row.routing_key.as_str().into(),
                 BasicPublishOptions {
@@ -375,62 +561,90 @@ impl Forwarder {
         .await;
         match sent {
             Ok(Ok(confirm)) => {
-                let OutgoingRow { id, exchange, .. } = row;
                 self.metrics.publishes.inc();
-                let timeout = self.config.confirm_timeout;
+                let OutgoingRow {
+                    id,
+                    exchange,
+                    routing_key,
+                    ..
+                } = row;
+                let sent = Sent {
+                    id,
+                    exchange,
+                    routing_key,
+                    generation: session.generation,
+                };
                 self.window
-                    .published(id, exchange, generation, confirm, timeout);
+                    .published(sent, confirm, self.config.confirm_timeout);
             }
             Ok(Err(e)) => {
                 tracing::debug!(message_id = %row.id, error = %e, "publish failed; will publish again");
-                self.window.not_published(&row.id);
+                self.window.ledger.not_sent(&row.id);
             }
             Err(_) => {
                 tracing::debug!(message_id = %row.id, "publish did not complete in time; will publish again");
-                self.window.not_published(&row.id);
+                self.window.ledger.not_sent(&row.id);
             }
         }
     }
 
-    fn on_confirm(&mut self, confirmed: Confirmed, link_ok: bool) {
-        let Confirmed {
-            sent_at,
-            id,
-            exchange,
-            generation,
-            result,
-        } = confirmed;
-        let m = &self.metrics;
-        match &result {
-            Ok(Ok(Confirmation::Ack(None))) => {
-                m.confirms.inc();
-                m.confirm_latency.observe(sent_at.elapsed().as_secs_f64());
-            }
-            Ok(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)))) => {
-                m.returns.inc();
-            }
-            Ok(Ok(Confirmation::Nack(None))) => {
-                m.nacks.inc();
-            }
-            Err(_) => {
-                m.confirm_timeouts.inc();
-            }
-            _ => {}
+    /// One line per (exchange, routing key, reason) and period; the rest
+    /// is counted into the next line.
+    fn note_failure(&mut self, exchange: &str, routing_key: &str, reason: &str) {
+        let key = (
+            exchange.to_string(),
+            routing_key.to_string(),
+            reason.to_string(),
+        );
+        if let Some(count) = self.failures.note(&key, Instant::now()) {
+            tracing::warn!(
+                exchange,
+                routing_key,
+                error = reason,
+                count,
+                "publish attempts failed"
+            );
         }
-        match classify(&exchange, &result, self.config.confirm_timeout, link_ok) {
-            Attempt::Delivered => {
-                tracing::debug!(message_id = %id, generation, "confirmed");
-                self.window.record(PublishOutcome::Delivered { id });
-            }
-            Attempt::Rejected(error) => {
-                tracing::warn!(message_id = %id, exchange = %exchange, error = %error, "publish attempt failed");
-                self.window.record(PublishOutcome::Rejected { id, error });
-            }
-            Attempt::Unknown(reason) => {
-                tracing::debug!(message_id = %id, reason = %reason, "outcome unknown; will publish again");
-                self.window.unknown(&id);
-            }
+    }
+
+    fn report_failures(&mut self) {
+        for ((exchange, routing_key, error), count) in self.failures.due(Instant::now()) {
+            tracing::warn!(%exchange, %routing_key, %error, count, "publish attempts failed");
         }
+    }
+
+    /// Shutdown with a link: drain (bounded), close (bounded), stop.
+    async fn stop(&mut self, session: Session) -> Result<Link, ForwardError> {
+        self.drain(session.wire()).await?;
+        broker::close(&session.connection, "edge-outbox shutting down").await;
+        self.report_failures();
+        self.state.update(|s| {
+            s.connected = false;
+            s.since = Some(now_ms());
+            s.in_flight = 0;
+        });
+        Ok(Link::Stopped)
+    }
+
+    /// The link is gone: every unconfirmed row is unknown (due again, no
+    /// attempt counted); suspects stay suspects; outcomes already known are
+    /// still recorded.
+    fn link_lost(&mut self, reason: &str) {
+        let unknown = self.window.ledger.unconfirmed();
+        self.window.ledger.link_lost();
+        self.window.abandon();
+        self.reconnect.lost();
+        if let Some(count) = self.losses.note(&(), Instant::now()) {
+            tracing::warn!(error = %reason, unconfirmed = unknown, count, "lost the broker connection; unconfirmed messages will be published again");
+        }
+        let since = now_ms();
+        self.state.update(|s| {
+            s.connected = false;
+            s.since = Some(since);
+            s.in_flight = 0;
+            s.blocked = false;
+            s.last_error = Some(reason.to_string());
+        });
     }
 
     /// Hands the buffered outcomes to the store (see [`Window::flush`]).
@@ -464,17 +678,16 @@ impl Forwarder {
     }
 
     /// Shutdown with a link: wait (bounded) for outstanding confirms, record
-    /// what they say, and let the commits finish.
-    async fn drain(&mut self, connection: &Connection) -> Result<(), ForwardError> {
+    /// what they say, and let the commits finish. A confirm that times out
+    /// now is never charged: there is no time left to prove the link.
+    async fn drain(&mut self, session: Wire<'_>) -> Result<(), ForwardError> {
         let wait = self.config.confirm_timeout.min(SHUTDOWN_CONFIRM_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         while !self.window.confirms.is_empty() {
             match tokio::time::timeout_at(deadline, self.window.confirms.next()).await {
                 Ok(Some(confirmed)) => {
-                    let link_ok = connection.status().connected();
-                    // A timeout cut short by shutdown is not the message's fault.
-                    let link_ok = link_ok && confirmed.result.is_ok();
-                    self.on_confirm(confirmed, link_ok);
+                    let mut overdue = Vec::new();
+                    self.on_confirm(confirmed, session, &mut overdue);
                 }
                 Ok(None) | Err(_) => break,
             }

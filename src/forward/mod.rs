@@ -65,9 +65,12 @@
 //! - URLs in logs, errors and status are redacted.
 
 mod backlog;
+mod exchanges;
 mod forwarder;
+mod ledger;
 mod outcome;
 mod resend;
+mod side;
 mod window;
 
 pub use forwarder::ForwardError;
