@@ -38,7 +38,11 @@ pub(crate) struct Backlog {
     reader: Reader,
     /// Rows with a rowid up to this one were read by the current pass.
     cursor: i64,
-    page: VecDeque<OutgoingRow>,
+    /// The rows of the current page, each with the number of the read
+    /// that produced it (see [`Ledger::stale`]).
+    page: VecDeque<(u64, OutgoingRow)>,
+    /// Page reads started so far.
+    reads: u64,
     /// The next page, being read on the blocking pool. Kept across
     /// cancellations of [`Backlog::next`], and started before the current
     /// page runs out, so the publisher never waits on the disk for long.
@@ -60,6 +64,7 @@ impl Backlog {
             reader,
             cursor: 0,
             page: VecDeque::new(),
+            reads: 0,
             reading: None,
             exhausted: false,
             more_since_read: false,
@@ -88,6 +93,17 @@ impl Backlog {
         self.exhausted && self.page.is_empty() && self.reading.is_none()
     }
 
+    /// Page reads started so far: an outcome committed now may be missing
+    /// from every page read up to this one.
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads
+    }
+
+    /// The oldest page read whose rows are still to be handed out.
+    pub(crate) fn oldest_read_in_use(&self) -> u64 {
+        self.page.front().map_or(self.reads, |(read, _)| *read)
+    }
+
     /// Rows handed out since the last rewind.
     pub(crate) fn handed_out(&self) -> u64 {
         self.handed_out
@@ -97,6 +113,7 @@ impl Backlog {
         let reader = self.reader.clone();
         let after = self.cursor;
         self.more_since_read = false;
+        self.reads += 1;
         self.reading = Some(tokio::task::spawn_blocking(move || {
             reader.due_page(after, now_ms(), PAGE_SIZE)
         }));
@@ -113,8 +130,8 @@ impl Backlog {
             if self.page.len() < PAGE_SIZE / 4 && self.reading.is_none() && !self.exhausted {
                 self.start_read();
             }
-            while let Some(row) = self.page.pop_front() {
-                if !ledger.holds(&row.id) {
+            while let Some((read, row)) = self.page.pop_front() {
+                if !ledger.holds(&row.id) && !ledger.stale(&row.id, read) {
                     self.handed_out += 1;
                     return Ok(Some(row));
                 }
@@ -132,7 +149,8 @@ impl Backlog {
                 None if self.more_since_read => {}
                 None => self.exhausted = true,
             }
-            self.page.extend(page);
+            let read = self.reads;
+            self.page.extend(page.into_iter().map(|row| (read, row)));
         }
     }
 }

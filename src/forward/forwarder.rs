@@ -310,7 +310,8 @@ impl Forwarder {
                     }
                 }
                 Some(settled) = self.window.settling.next(), if !self.window.settling.is_empty() => {
-                    self.window.settled(settled);
+                    self.window.settled(settled, self.backlog.reads());
+                    self.window.ledger.forget_settled_before(self.backlog.oldest_read_in_use());
                 }
                 request = self.passes.recv(), if self.passes_open => self.on_pass_request(request),
                 probe = self.probes.recv(), if self.probes_open => self.on_probe(probe),
@@ -694,7 +695,7 @@ impl Forwarder {
         }
         self.flush_outcomes().await?;
         while let Some(settled) = self.window.settling.next().await {
-            self.window.settled(settled);
+            self.window.settled(settled, self.backlog.reads());
         }
         Ok(())
     }

@@ -123,6 +123,12 @@ pub(crate) struct Ledger {
     singles: VecDeque<RowId>,
     /// Suspects handed out and not yet published (or not sent).
     handed: HashMap<RowId, Phase>,
+    /// Rows whose outcome was committed, with the count of backlog page
+    /// reads started by then: a page read that started before the commit
+    /// may still show the row delivering, and must not hand it out again
+    /// (a duplicate without a fault). Pruned as reads move on.
+    recent: HashMap<RowId, u64>,
+    recent_order: VecDeque<(u64, RowId)>,
 }
 
 impl Ledger {
@@ -134,6 +140,8 @@ impl Ledger {
             suspects: VecDeque::new(),
             singles: VecDeque::new(),
             handed: HashMap::new(),
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
         }
     }
 
@@ -159,6 +167,7 @@ impl Ledger {
             && self.handed.is_empty()
             && self.suspects.is_empty()
             && self.singles.is_empty()
+            && self.recent.is_empty()
     }
 
     /// An isolation is under way: suspects wait for their round.
@@ -380,10 +389,34 @@ impl Ledger {
     }
 
     /// The outcomes of these rows are committed (or failed to commit: the
-    /// row stays due and goes out again).
-    pub(crate) fn settled<'a>(&mut self, ids: impl IntoIterator<Item = &'a str>) {
+    /// row stays due and goes out again) when `reads` backlog page reads
+    /// have been started.
+    pub(crate) fn settled<'a>(&mut self, ids: impl IntoIterator<Item = &'a str>, reads: u64) {
         for id in ids {
-            self.settling.remove(id);
+            if self.settling.remove(id) {
+                self.recent.insert(id.to_string(), reads);
+                self.recent_order.push_back((reads, id.to_string()));
+            }
+        }
+    }
+
+    /// Whether a row read by page read number `read` may be out of date:
+    /// its outcome was committed after that read began.
+    pub(crate) fn stale(&self, id: &str, read: u64) -> bool {
+        self.recent.get(id).is_some_and(|settled| *settled >= read)
+    }
+
+    /// No page read older than `read` is in use any more.
+    pub(crate) fn forget_settled_before(&mut self, read: u64) {
+        while let Some((at, _)) = self.recent_order.front() {
+            if *at >= read {
+                break;
+            }
+            if let Some((at, id)) = self.recent_order.pop_front() {
+                if self.recent.get(&id) == Some(&at) {
+                    self.recent.remove(&id);
+                }
+            }
         }
     }
 }
@@ -432,7 +465,7 @@ mod tests {
             if round.iter().any(|r| culprits.contains(r)) {
                 closes += 1;
                 for s in l.channel_closed(channel, Some(&close(404))) {
-                    l.settled([s.id()]);
+                    l.settled([s.id()], 0);
                     if let Settle::Rejected(r, _) = s {
                         charged.push(r);
                     }
@@ -441,7 +474,7 @@ mod tests {
             } else {
                 for r in round {
                     let s = l.confirmed(&r, channel, Reply::Ack).unwrap();
-                    l.settled([s.id()]);
+                    l.settled([s.id()], 0);
                     delivered.push(r);
                 }
             }
@@ -477,7 +510,13 @@ mod tests {
                 Some(Settle::Rejected(..))
             ));
             assert!(l.holds("m0"), "settling rows are still out");
-            l.settled(["m0", "m1", "m2"]);
+            l.settled(["m0", "m1", "m2"], 3);
+            assert!(
+                l.stale("m0", 3),
+                "a read begun before the commit may be stale"
+            );
+            assert!(!l.stale("m0", 4), "a read begun after it is not");
+            l.forget_settled_before(4);
             assert!(l.is_idle());
         }
 
@@ -597,7 +636,8 @@ mod tests {
             let s = l.refuse("m9", "404 NOT_FOUND - no exchange 'x'".into());
             assert!(matches!(s, Settle::Rejected(ref r, _) if r == "m9"));
             assert!(l.holds("m9"));
-            l.settled(["m9"]);
+            l.settled(["m9"], 0);
+            l.forget_settled_before(1);
             assert!(l.is_idle());
         }
 
@@ -716,7 +756,7 @@ mod tests {
                             .collect()
                     };
                     for s in settles {
-                        l.settled([s.id()]);
+                        l.settled([s.id()], 0);
                         let (r, charged) = match s {
                             Settle::Delivered(r) => (r, false),
                             Settle::Rejected(r, _) => (r, true),
@@ -729,6 +769,7 @@ mod tests {
                     }
                 }
                 assert_eq!(ended.len(), n, "seed {seed} round {round}: every row ends");
+                l.forget_settled_before(1);
                 assert!(l.is_idle());
             }
         }

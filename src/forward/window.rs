@@ -122,14 +122,15 @@ impl Window {
         Ok(())
     }
 
-    /// A commit of outcomes finished: its rows leave the ledger.
-    pub(super) fn settled(&mut self, (ids, result): Settled) {
+    /// A commit of outcomes finished, `reads` backlog page reads in: its
+    /// rows leave the ledger.
+    pub(super) fn settled(&mut self, (ids, result): Settled, reads: u64) {
         if let Err(e) = result {
             // The rows stay delivering: they will be published again (a
             // duplicate at worst, never a loss).
             tracing::warn!(error = %e, rows = ids.len(), "could not record publish outcomes");
         }
-        self.ledger.settled(ids.iter().map(String::as_str));
+        self.ledger.settled(ids.iter().map(String::as_str), reads);
     }
 
     /// The link is gone: the confirm futures are dropped (the ledger has
