@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::config::{StoreConfig, Synchronous};
 
 /// Migrations, in order: entry `i` brings `user_version` from `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("../schema.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("../../schema.sql")];
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
