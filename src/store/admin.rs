@@ -16,12 +16,21 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{named_params, Connection, OpenFlags, TransactionBehavior};
 
 use super::error::open_error;
 use super::open::BUSY_TIMEOUT;
+use super::types::Move;
 use super::write::{purge_batch, reclaim};
-use super::{now_ms, PurgeCutoffs, StatusCounts, StoreError};
+use super::{now_ms, PurgeCutoffs, Status, StatusCounts, StoreError};
+
+/// An operator's `retry`: failed rows go back to delivering.
+pub(crate) const RETRIED: Move = Move::allowed(Status::Failed, Status::Delivering);
+
+/// [`RETRIED`]: due now, with fresh attempt counts (publish and consume).
+/// `Admin::retry` narrows it to one id.
+const RETRY_SQL: &str = "UPDATE msg_log SET status = :to, try_count = 0, next_try_time = :now, \
+     update_time = :now, consume_count = 0 WHERE status = :from";
 
 /// Operator changes made from the CLI, on a connection of their own (the
 /// agent may be running: WAL and the busy timeout let both write).
@@ -50,12 +59,15 @@ impl Admin {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut skipped = Vec::new();
         {
-            let mut stmt = tx.prepare(
-                "UPDATE msg_log SET status = 0, try_count = 0, next_try_time = ?1, \
-                 update_time = ?1, consume_count = 0 WHERE id = ?2 AND status = 2",
-            )?;
+            let mut stmt = tx.prepare(&format!("{RETRY_SQL} AND id = :id"))?;
             for id in ids {
-                if stmt.execute(params![now, id])? == 0 {
+                let params = named_params! {
+                    ":from": RETRIED.from,
+                    ":to": RETRIED.to,
+                    ":now": now,
+                    ":id": id,
+                };
+                if stmt.execute(params)? == 0 {
                     skipped.push(id.clone());
                 }
             }
@@ -95,9 +107,12 @@ impl Admin {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let n = tx.execute(
-            "UPDATE msg_log SET status = 0, try_count = 0, next_try_time = ?1, \
-             update_time = ?1, consume_count = 0 WHERE status = 2",
-            params![now],
+            RETRY_SQL,
+            named_params! {
+                ":from": RETRIED.from,
+                ":to": RETRIED.to,
+                ":now": now,
+            },
         )?;
         tx.commit()?;
         Ok(n as u64)

@@ -99,7 +99,7 @@ use crate::config::StoreConfig;
 
 pub use admin::Admin;
 pub use error::StoreError;
-pub use open::SCHEMA_VERSION;
+pub use open::{apply_schema, SCHEMA_VERSION};
 pub use reader::Reader;
 pub use types::{
     ConsumeVerdict, Consumption, Delivered, Inserted, NewMessage, OutgoingRow, PublishOutcome,

@@ -53,10 +53,7 @@ pub(crate) fn open_writer_connection(
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(corrupt)?;
-    if version == 0 {
-        // Must precede the first table: purge hands pages back to the filesystem.
-        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
-    }
+    prepare_new(&conn, version)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(corrupt)?;
@@ -111,6 +108,27 @@ pub(crate) fn lock_database(path: &Path) -> Result<std::fs::File, StoreError> {
     }
 }
 
+/// Creates or migrates the `msg_log` schema on `conn` up to
+/// [`SCHEMA_VERSION`] with the agent's own migrations: what the agent does to
+/// the file when it starts, without the lock, the journal mode and the
+/// integrity check. For tests and benchmarks that prefill a database the
+/// agent then opens.
+pub fn apply_schema(conn: &Connection) -> Result<(), StoreError> {
+    let path = PathBuf::from(conn.path().unwrap_or_default());
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    prepare_new(conn, version)?;
+    migrate(conn, &path, version)
+}
+
+/// What a new file (`user_version` 0) needs before its first table.
+fn prepare_new(conn: &Connection, version: i64) -> Result<(), StoreError> {
+    if version == 0 {
+        // Must precede the first table: purge hands pages back to the filesystem.
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
+    }
+    Ok(())
+}
+
 /// Applies the migrations after `found` (the file's `user_version`).
 fn migrate(conn: &Connection, path: &Path, found: i64) -> Result<(), StoreError> {
     if found > SCHEMA_VERSION {
@@ -163,5 +181,50 @@ mod tests {
         let err = open_writer_connection(&path, Synchronous::Full).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), junk);
+    }
+
+    #[test]
+    fn apply_schema_makes_the_file_the_agent_would_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(dir.path());
+        let conn = Connection::open(&path).unwrap();
+        apply_schema(&conn).unwrap();
+        apply_schema(&conn).unwrap();
+        let pragma = |name: &str| -> i64 {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(pragma("user_version"), SCHEMA_VERSION);
+        assert_eq!(pragma("auto_vacuum"), 2, "incremental");
+        drop(conn);
+        open_writer_connection(&path, Synchronous::Full).unwrap();
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(dir.path());
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1))
+            .unwrap();
+        drop(conn);
+        let err = open_writer_connection(&path, Synchronous::Full).unwrap_err();
+        assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
+    }
+
+    /// The shipped schema's `DEFAULT` for `status` (frozen migration text,
+    /// never edited) is the status a submitted row is born with.
+    #[test]
+    fn the_schema_default_status_is_delivering() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_writer_connection(&db_path(dir.path()), Synchronous::Full).unwrap();
+        let default: String = conn
+            .query_row(
+                "SELECT dflt_value FROM pragma_table_info('msg_log') WHERE name = 'status'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(default, crate::store::Status::Delivering.code().to_string());
     }
 }

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{params, OpenFlags, OptionalExtension};
+use rusqlite::{named_params, params, OpenFlags, OptionalExtension};
 
 use super::open::BUSY_TIMEOUT;
 use super::{OutgoingRow, PurgeCutoffs, Row, Status, StatusCounts, StoreError};
@@ -30,7 +30,6 @@ const ROW_COLUMNS: &str = "id, status, exchange, routing_key, try_count, next_tr
      create_time, update_time, last_error, headers, content_type, msg";
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    let code: i64 = r.get(1)?;
     let (body, body_is_text) = match r.get_ref(11)? {
         rusqlite::types::ValueRef::Text(t) => (t.to_vec(), true),
         rusqlite::types::ValueRef::Blob(b) => (b.to_vec(), false),
@@ -38,7 +37,7 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     };
     Ok(Row {
         id: r.get(0)?,
-        status: Status::from_code(code).unwrap_or(Status::Failed),
+        status: r.get(1)?,
         exchange: r.get(2)?,
         routing_key: r.get(3)?,
         try_count: r.get(4)?,
@@ -51,6 +50,16 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         body,
         body_is_text,
     })
+}
+
+/// The forwarder's page: `?4` is [`Status::Delivering`].
+const DUE_PAGE_SQL: &str = "SELECT rowid, id, msg, exchange, routing_key, headers, \
+     content_type, create_time FROM msg_log WHERE status = ?4 AND rowid > ?1 \
+     AND (next_try_time IS NULL OR next_try_time <= ?2) ORDER BY rowid LIMIT ?3";
+
+/// One `(status, COUNT(*))` row.
+fn count_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Status, u64)> {
+    Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64))
 }
 
 impl Reader {
@@ -85,21 +94,21 @@ impl Reader {
         let mut stmt =
             conn.prepare_cached("SELECT status, COUNT(*) FROM msg_log GROUP BY status")?;
         let mut counts = StatusCounts::default();
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        let rows = stmt.query_map([], count_from)?;
         for row in rows {
             let (status, n) = row?;
-            counts.add(status, n.max(0) as u64);
+            counts.add(status, n);
         }
         Ok(counts)
     }
 
-    /// `create_time` of the oldest status-0 row.
+    /// `create_time` of the oldest delivering row.
     pub fn oldest_pending(&self) -> Result<Option<i64>, StoreError> {
         let conn = self.conn()?;
         let t = conn
             .query_row(
-                "SELECT create_time FROM msg_log WHERE status = 0 ORDER BY rowid LIMIT 1",
-                [],
+                "SELECT create_time FROM msg_log WHERE status = ?1 ORDER BY rowid LIMIT 1",
+                [Status::Delivering],
                 |r| r.get::<_, Option<i64>>(0),
             )
             .optional()?;
@@ -125,7 +134,7 @@ impl Reader {
                 let mut stmt = conn.prepare_cached(&format!(
                     "SELECT {ROW_COLUMNS} FROM msg_log WHERE status = ?1 ORDER BY rowid DESC LIMIT ?2"
                 ))?;
-                let rows = stmt.query_map(params![s as i64, limit], row_from)?;
+                let rows = stmt.query_map(params![s, limit], row_from)?;
                 rows.collect::<Result<Vec<_>, _>>()?
             }
             None => {
@@ -139,7 +148,7 @@ impl Reader {
         Ok(rows)
     }
 
-    /// Up to `limit` status-0 rows after `after_rowid` that are due at `now`,
+    /// Up to `limit` delivering rows after `after_rowid` that are due at `now`,
     /// oldest first: one page of the forwarder's backlog.
     pub fn due_page(
         &self,
@@ -148,13 +157,14 @@ impl Reader {
         limit: usize,
     ) -> Result<Vec<OutgoingRow>, StoreError> {
         let conn = self.conn()?;
-        let mut stmt = conn.prepare_cached(
-            "SELECT rowid, id, msg, exchange, routing_key, headers, content_type, create_time \
-             FROM msg_log WHERE status = 0 AND rowid > ?1 \
-             AND (next_try_time IS NULL OR next_try_time <= ?2) ORDER BY rowid LIMIT ?3",
-        )?;
+        let mut stmt = conn.prepare_cached(DUE_PAGE_SQL)?;
         let rows = stmt.query_map(
-            params![after_rowid, now, i64::try_from(limit).unwrap_or(i64::MAX)],
+            params![
+                after_rowid,
+                now,
+                i64::try_from(limit).unwrap_or(i64::MAX),
+                Status::Delivering
+            ],
             |r| {
                 let body = match r.get_ref(2)? {
                     rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
@@ -181,20 +191,27 @@ impl Reader {
     pub fn purgeable(&self, cutoffs: PurgeCutoffs) -> Result<StatusCounts, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare_cached(
-            "SELECT status, COUNT(*) FROM msg_log WHERE status IN (1, 3) AND create_time < ?1 \
-             GROUP BY status \
+            "SELECT status, COUNT(*) FROM msg_log WHERE status IN (:settled_a, :settled_b) \
+             AND create_time < :settled_before GROUP BY status \
              UNION ALL \
-             SELECT status, COUNT(*) FROM msg_log WHERE status = 2 AND create_time < ?2 \
-             GROUP BY status",
+             SELECT status, COUNT(*) FROM msg_log WHERE status = :failed \
+             AND create_time < :failed_before GROUP BY status",
         )?;
+        let [settled_a, settled_b] = PurgeCutoffs::SETTLED;
         let rows = stmt.query_map(
-            params![cutoffs.settled_before, cutoffs.failed_before],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            named_params! {
+                ":settled_a": settled_a,
+                ":settled_b": settled_b,
+                ":settled_before": cutoffs.settled_before,
+                ":failed": PurgeCutoffs::FAILED,
+                ":failed_before": cutoffs.failed_before,
+            },
+            count_from,
         )?;
         let mut counts = StatusCounts::default();
         for row in rows {
             let (status, n) = row?;
-            counts.add(status, n.max(0) as u64);
+            counts.add(status, n);
         }
         Ok(counts)
     }
@@ -202,11 +219,11 @@ impl Reader {
     /// The status of row `id`, if there is one.
     pub fn status_of(&self, id: &str) -> Result<Option<Status>, StoreError> {
         let conn = self.conn()?;
-        let code: Option<i64> = conn
+        let status = conn
             .prepare_cached("SELECT status FROM msg_log WHERE id = ?1")?
             .query_row(params![id], |r| r.get(0))
             .optional()?;
-        Ok(code.and_then(Status::from_code))
+        Ok(status)
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Row>, StoreError> {
@@ -214,5 +231,88 @@ impl Reader {
         let mut stmt =
             conn.prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM msg_log WHERE id = ?1"))?;
         Ok(stmt.query_row(params![id], row_from).optional()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::store::open::open_writer_connection;
+
+    /// A database holding one row per status, and its reader.
+    fn fixture(dir: &Path) -> (rusqlite::Connection, Reader) {
+        let path = dir.join("t.db");
+        let conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        for status in Status::ALL {
+            conn.execute(
+                "INSERT INTO msg_log (id, msg, status, create_time) VALUES (?1, 'x', ?2, 1)",
+                params![status.name(), status],
+            )
+            .unwrap();
+        }
+        (conn, Reader::open(&path).unwrap())
+    }
+
+    #[test]
+    fn rows_and_counts_read_their_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_conn, reader) = fixture(dir.path());
+        let counts = reader.counts().unwrap();
+        assert_eq!(counts.total(), Status::ALL.len() as u64);
+        for status in Status::ALL {
+            assert_eq!(reader.status_of(status.name()).unwrap(), Some(status));
+            assert_eq!(reader.get(status.name()).unwrap().unwrap().status, status);
+            let listed = reader.list(Some(status), 10).unwrap();
+            assert_eq!(listed.len(), 1);
+            assert_eq!(listed[0].id, status.name());
+        }
+        let due = reader.due_page(0, 2, 10).unwrap();
+        let due: Vec<&str> = due.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(due, [Status::Delivering.name()]);
+        assert_eq!(reader.oldest_pending().unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_status_code_no_status_has_is_an_error_not_a_guess() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, reader) = fixture(dir.path());
+        let unknown = Status::ALL.iter().map(|s| s.code()).max().unwrap() + 1;
+        conn.execute(
+            "UPDATE msg_log SET status = ?1 WHERE id = ?2",
+            params![unknown, Status::Failed.name()],
+        )
+        .unwrap();
+        let id = Status::Failed.name();
+        for err in [
+            reader.get(id).map(|_| ()).unwrap_err(),
+            reader.status_of(id).map(|_| ()).unwrap_err(),
+            reader.list(None, 10).map(|_| ()).unwrap_err(),
+            reader.counts().map(|_| ()).unwrap_err(),
+        ] {
+            assert!(
+                err.to_string().contains("not a status this agent knows"),
+                "{err}"
+            );
+        }
+    }
+
+    /// The forwarder's page walks the status index in rowid order; binding
+    /// the status as a parameter must keep it that way.
+    #[test]
+    fn the_due_page_is_an_index_range_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, _reader) = fixture(dir.path());
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {DUE_PAGE_SQL}"))
+            .unwrap()
+            .query_map(params![0, 0, 10, Status::Delivering], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            plan,
+            ["SEARCH msg_log USING INDEX msg_log_status (status=? AND rowid>?)"]
+        );
     }
 }

@@ -29,7 +29,7 @@ use super::error::{open_error, same_kind};
 use super::write::{insert_one, purge_batch, reclaim, record_consumption, record_outcomes};
 use super::{
     free_disk, now_ms, ConsumeVerdict, Consumption, Inserted, NewMessage, PublishOutcome,
-    PurgeCutoffs, RetryPolicy, StatusCounts, StoreError,
+    PurgeCutoffs, RetryPolicy, Status, StatusCounts, StoreError,
 };
 
 /// Requests one writer transaction takes at most.
@@ -198,11 +198,11 @@ impl Writer {
     }
 
     fn recount_delivering(&mut self) -> Result<(), StoreError> {
-        let n: i64 =
-            self.conn
-                .query_row("SELECT COUNT(*) FROM msg_log WHERE status = 0", [], |r| {
-                    r.get(0)
-                })?;
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM msg_log WHERE status = ?1",
+            [Status::Delivering],
+            |r| r.get(0),
+        )?;
         self.delivering = n.max(0) as u64;
         self.counted_at = Instant::now();
         Ok(())
