@@ -85,6 +85,8 @@ mod admin;
 mod error;
 mod open;
 mod reader;
+#[cfg(test)]
+mod tests;
 mod types;
 mod write;
 mod writer;
