@@ -321,7 +321,7 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         sample(&after, "edge_outbox_rows{status=\"delivered\"}"),
         25.0
     );
-    assert_eq!(sample(&after, "edge_outbox_backlog"), 0.0);
+    assert_eq!(sample(&after, "edge_outbox_delivering"), 0.0);
     assert_eq!(sample(&after, "edge_outbox_broker_connected"), 1.0);
     assert!(sample(&after, "edge_outbox_database_size_bytes") > 0.0);
     assert!(sample(&after, "edge_outbox_free_disk_bytes") > 0.0);

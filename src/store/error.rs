@@ -37,8 +37,8 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
-    #[error("{pending} messages are waiting to be forwarded (store.max_pending = {max})")]
-    BufferFull { pending: u64, max: u64 },
+    #[error("{delivering} messages are waiting to be forwarded (store.max_pending = {max})")]
+    BufferFull { delivering: u64, max: u64 },
     #[error("{0}")]
     StorageFull(String),
     #[error("database error: {0}")]

@@ -103,7 +103,7 @@ impl Reader {
     }
 
     /// `create_time` of the oldest delivering row.
-    pub fn oldest_pending(&self) -> Result<Option<i64>, StoreError> {
+    pub fn oldest_delivering(&self) -> Result<Option<i64>, StoreError> {
         let conn = self.conn()?;
         let t = conn
             .query_row(
@@ -270,7 +270,7 @@ mod tests {
         let due = reader.due_page(0, 2, 10).unwrap();
         let due: Vec<&str> = due.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(due, [Status::Delivering.name()]);
-        assert_eq!(reader.oldest_pending().unwrap(), Some(1));
+        assert_eq!(reader.oldest_delivering().unwrap(), Some(1));
     }
 
     #[test]

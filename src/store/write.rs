@@ -61,7 +61,7 @@ pub(crate) fn insert_one(
 ) -> Result<Result<Inserted, StoreError>, StoreError> {
     let refusal = storage_refusal.or_else(|| {
         (*delivering >= limits.max_pending).then_some(StoreError::BufferFull {
-            pending: *delivering,
+            delivering: *delivering,
             max: limits.max_pending,
         })
     });
