@@ -178,6 +178,8 @@ impl NotifySocket {
     }
 }
 
+/// Needs the writer wedge, a test hook: `--features test-hooks`.
+#[cfg(feature = "test-hooks")]
 #[test]
 fn ready_and_watchdog_arrive_and_stop_when_the_writer_is_wedged() {
     let notify = NotifySocket::new();

@@ -92,13 +92,30 @@ pub(crate) fn start(
     Ok((tx, thread))
 }
 
-/// Test hook: `EDGE_OUTBOX_WEDGE_FOR_TESTS=SECONDS` wedges the writer that
-/// long after start, so tests can see the watchdog stop pinging.
-const WEDGE_ENV: &str = "EDGE_OUTBOX_WEDGE_FOR_TESTS";
+/// Test hook (cargo feature `test-hooks`, never in a release build):
+/// `EDGE_OUTBOX_WEDGE_FOR_TESTS=SECONDS` wedges the writer that long after
+/// start, so tests can see the watchdog stop pinging.
+#[cfg(feature = "test-hooks")]
+mod wedge {
+    use std::time::{Duration, Instant};
 
-fn wedge_for_tests() -> Option<Instant> {
-    let seconds: f64 = std::env::var(WEDGE_ENV).ok()?.parse().ok()?;
-    Some(Instant::now() + Duration::from_secs_f64(seconds.max(0.0)))
+    const WEDGE_ENV: &str = "EDGE_OUTBOX_WEDGE_FOR_TESTS";
+
+    /// When the writer wedges, if the environment asks for it.
+    pub(super) fn wedge_for_tests() -> Option<Instant> {
+        let seconds: f64 = std::env::var(WEDGE_ENV).ok()?.parse().ok()?;
+        Some(Instant::now() + Duration::from_secs_f64(seconds.max(0.0)))
+    }
+
+    /// Parks the writer for good once `at` has passed.
+    pub(super) fn wedge_if_due(at: Option<Instant>) {
+        if at.is_some_and(|at| Instant::now() >= at) {
+            tracing::warn!("store writer wedged on purpose ({WEDGE_ENV})");
+            loop {
+                std::thread::park();
+            }
+        }
+    }
 }
 
 /// The writer thread's state.
@@ -210,17 +227,14 @@ impl Writer {
 
     fn run(&mut self) {
         let mut group = Vec::with_capacity(MAX_GROUP);
-        let wedge_at = wedge_for_tests();
+        #[cfg(feature = "test-hooks")]
+        let wedge_at = wedge::wedge_for_tests();
         loop {
             let Some(first) = self.requests.blocking_recv() else {
                 return;
             };
-            if wedge_at.is_some_and(|at| Instant::now() >= at) {
-                tracing::warn!("store writer wedged on purpose ({WEDGE_ENV})");
-                loop {
-                    std::thread::park();
-                }
-            }
+            #[cfg(feature = "test-hooks")]
+            wedge::wedge_if_due(wedge_at);
             let mut stop = matches!(first, WriteRequest::Stop);
             group.push(first);
             while group.len() < MAX_GROUP {
