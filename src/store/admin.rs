@@ -34,12 +34,12 @@ const RETRY_SQL: &str = "UPDATE msg_log SET status = :to, try_count = 0, next_tr
 
 /// Operator changes made from the CLI, on a connection of their own (the
 /// agent may be running: WAL and the busy timeout let both write).
-pub struct Admin {
+pub(crate) struct Admin {
     conn: Connection,
 }
 
 impl Admin {
-    pub fn open(path: &Path) -> Result<Admin, StoreError> {
+    pub(crate) fn open(path: &Path) -> Result<Admin, StoreError> {
         if !path.exists() {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
@@ -52,7 +52,7 @@ impl Admin {
 
     /// Moves the given failed rows back to delivering, due now, try_count 0.
     /// Returns the ids that were not failed rows (missing or in another status).
-    pub fn retry(&mut self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn retry(&mut self, ids: &[String]) -> Result<Vec<String>, StoreError> {
         let now = now_ms();
         let tx = self
             .conn
@@ -77,7 +77,7 @@ impl Admin {
     }
 
     /// One purge batch in its own `BEGIN IMMEDIATE` transaction.
-    pub fn purge_batch(
+    pub(crate) fn purge_batch(
         &mut self,
         cutoffs: PurgeCutoffs,
         limit: u32,
@@ -93,7 +93,7 @@ impl Admin {
     /// Hands one step of freed pages back to the filesystem, and
     /// checkpoints the WAL this connection wrote, so that the agent's next
     /// commit does not pay for it.
-    pub fn reclaim(&mut self) -> Result<(), StoreError> {
+    pub(crate) fn reclaim(&mut self) -> Result<(), StoreError> {
         reclaim(&self.conn)?;
         self.conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
@@ -101,7 +101,7 @@ impl Admin {
     }
 
     /// Moves every failed row back to delivering. Returns how many.
-    pub fn retry_failed(&mut self) -> Result<u64, StoreError> {
+    pub(crate) fn retry_failed(&mut self) -> Result<u64, StoreError> {
         let now = now_ms();
         let tx = self
             .conn

@@ -99,14 +99,14 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::StoreConfig;
 
-pub use admin::Admin;
+pub(crate) use admin::Admin;
 pub use error::StoreError;
 pub use open::{apply_schema, SCHEMA_VERSION};
 pub use reader::Reader;
-pub use types::{
-    ConsumeVerdict, Consumption, Delivered, Inserted, NewMessage, OutgoingRow, PublishOutcome,
-    PurgeCutoffs, RetryPolicy, Row, Status, StatusCounts,
+pub(crate) use types::{
+    ConsumeVerdict, Consumption, Delivered, Inserted, PublishOutcome, RetryPolicy, Row,
 };
+pub use types::{NewMessage, OutgoingRow, PurgeCutoffs, Status, StatusCounts};
 use writer::{Limits, WriteRequest};
 
 /// How long closing the store waits for the writer thread.
@@ -127,7 +127,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database and starts the writer thread
     /// (the start-up steps above).
-    pub fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+    pub(crate) fn open(config: &StoreConfig) -> Result<Store, StoreError> {
         let path = config.path.clone();
         // Before anything touches the file: a second agent must not migrate
         // or write the live agent's database.
@@ -158,15 +158,14 @@ impl Store {
             .map_err(|_| StoreError::Closed)
     }
 
-    /// Stores `message` durably. Resolves once its group is committed and
-    /// synced (or refused, or failed: then nothing is stored).
-    pub async fn insert(&self, message: NewMessage) -> Result<Inserted, StoreError> {
-        self.enqueue_insert(message).await?.await
-    }
-
     /// Hands `message` to the writer now and returns the answer to await
-    /// later, so one client's pipelined requests share a group commit.
-    pub async fn enqueue_insert(&self, message: NewMessage) -> Result<PendingInsert, StoreError> {
+    /// later, so one client's pipelined requests share a group commit. The
+    /// answer resolves once its group is committed and synced (or refused,
+    /// or failed: then nothing is stored).
+    pub(crate) async fn enqueue_insert(
+        &self,
+        message: NewMessage,
+    ) -> Result<PendingInsert, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(WriteRequest::Insert { message, reply }).await?;
         Ok(Pending(answer))
@@ -174,7 +173,7 @@ impl Store {
 
     /// Hands publish outcomes to the writer; the answer resolves after their
     /// commit (they share group commits with the submits).
-    pub async fn record_outcomes(
+    pub(crate) async fn record_outcomes(
         &self,
         outcomes: Vec<PublishOutcome>,
         policy: RetryPolicy,
@@ -191,7 +190,7 @@ impl Store {
 
     /// Records a handler's result; resolves after the commit, with what to
     /// tell the broker.
-    pub async fn record_consumption(
+    pub(crate) async fn record_consumption(
         &self,
         result: Consumption,
     ) -> Result<ConsumeVerdict, StoreError> {
@@ -203,7 +202,7 @@ impl Store {
 
     /// Deletes one batch of purgeable rows in its own transaction (shared
     /// with whatever else the writer holds); returns how many.
-    pub async fn purge_batch(
+    pub(crate) async fn purge_batch(
         &self,
         cutoffs: PurgeCutoffs,
         limit: u32,
@@ -220,18 +219,18 @@ impl Store {
 
     /// Resolves once the writer has committed a group after this call: the
     /// watchdog's proof that writes make progress.
-    pub async fn probe(&self) -> Result<(), StoreError> {
+    pub(crate) async fn probe(&self) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(WriteRequest::Probe { reply }).await?;
         Pending(answer).await
     }
 
     /// Notified after every commit that stored new rows: the forwarder's cue.
-    pub fn new_rows(&self) -> Arc<Notify> {
+    pub(crate) fn new_rows(&self) -> Arc<Notify> {
         self.new_rows.clone()
     }
 
-    pub fn reader(&self) -> &Reader {
+    pub(crate) fn reader(&self) -> &Reader {
         &self.reader
     }
 
@@ -239,7 +238,7 @@ impl Store {
     /// (at most [`CLOSE_WAIT`]: a wedged writer must not hold up the exit;
     /// what it did not commit was not acknowledged).
     /// Requests sent afterwards get [`StoreError::Closed`].
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         let _ = tokio::time::timeout(CLOSE_WAIT, self.writer.send(WriteRequest::Stop)).await;
         let thread = self.writer_thread.lock().ok().and_then(|mut t| t.take());
         if let Some(thread) = thread {
@@ -252,10 +251,10 @@ impl Store {
 }
 
 /// A write's answer: resolves after the commit that holds it.
-pub struct Pending<T>(oneshot::Receiver<Result<T, StoreError>>);
+pub(crate) struct Pending<T>(oneshot::Receiver<Result<T, StoreError>>);
 
 /// The answer to an [`Store::enqueue_insert`].
-pub type PendingInsert = Pending<Inserted>;
+pub(crate) type PendingInsert = Pending<Inserted>;
 
 impl<T> std::future::Future for Pending<T> {
     type Output = Result<T, StoreError>;
@@ -279,7 +278,7 @@ pub fn now_ms() -> i64 {
 }
 
 /// Free bytes for an unprivileged writer on the filesystem holding `path`.
-pub fn free_disk(path: &Path) -> Option<u64> {
+pub(crate) fn free_disk(path: &Path) -> Option<u64> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

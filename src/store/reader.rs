@@ -64,7 +64,7 @@ fn count_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Status, u64)> {
 
 impl Reader {
     /// Opens read-only connections on an existing database.
-    pub fn open(path: &Path) -> Result<Reader, StoreError> {
+    pub(crate) fn open(path: &Path) -> Result<Reader, StoreError> {
         if !path.exists() {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
@@ -81,7 +81,7 @@ impl Reader {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -89,7 +89,7 @@ impl Reader {
         Ok(self.pool.get()?)
     }
 
-    pub fn counts(&self) -> Result<StatusCounts, StoreError> {
+    pub(crate) fn counts(&self) -> Result<StatusCounts, StoreError> {
         let conn = self.conn()?;
         let mut stmt =
             conn.prepare_cached("SELECT status, COUNT(*) FROM msg_log GROUP BY status")?;
@@ -103,7 +103,7 @@ impl Reader {
     }
 
     /// `create_time` of the oldest delivering row.
-    pub fn oldest_delivering(&self) -> Result<Option<i64>, StoreError> {
+    pub(crate) fn oldest_delivering(&self) -> Result<Option<i64>, StoreError> {
         let conn = self.conn()?;
         let t = conn
             .query_row(
@@ -116,7 +116,7 @@ impl Reader {
     }
 
     /// Bytes of the database file and its WAL.
-    pub fn db_size(&self) -> u64 {
+    pub(crate) fn db_size(&self) -> u64 {
         let wal = PathBuf::from(format!("{}-wal", self.path.display()));
         [self.path.as_path(), wal.as_path()]
             .iter()
@@ -126,7 +126,7 @@ impl Reader {
     }
 
     /// Up to `limit` rows, newest first, optionally of one status.
-    pub fn list(&self, status: Option<Status>, limit: u64) -> Result<Vec<Row>, StoreError> {
+    pub(crate) fn list(&self, status: Option<Status>, limit: u64) -> Result<Vec<Row>, StoreError> {
         let conn = self.conn()?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = match status {
@@ -150,7 +150,7 @@ impl Reader {
 
     /// Up to `limit` delivering rows after `after_rowid` that are due at `now`,
     /// oldest first: one page of the forwarder's backlog.
-    pub fn due_page(
+    pub(crate) fn due_page(
         &self,
         after_rowid: i64,
         now: i64,
@@ -188,7 +188,7 @@ impl Reader {
     }
 
     /// How many rows a purge with `cutoffs` would delete, per status.
-    pub fn purgeable(&self, cutoffs: PurgeCutoffs) -> Result<StatusCounts, StoreError> {
+    pub(crate) fn purgeable(&self, cutoffs: PurgeCutoffs) -> Result<StatusCounts, StoreError> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare_cached(
             "SELECT status, COUNT(*) FROM msg_log WHERE status IN (:settled_a, :settled_b) \
@@ -217,7 +217,7 @@ impl Reader {
     }
 
     /// The status of row `id`, if there is one.
-    pub fn status_of(&self, id: &str) -> Result<Option<Status>, StoreError> {
+    pub(crate) fn status_of(&self, id: &str) -> Result<Option<Status>, StoreError> {
         let conn = self.conn()?;
         let status = conn
             .prepare_cached("SELECT status FROM msg_log WHERE id = ?1")?
@@ -226,7 +226,7 @@ impl Reader {
         Ok(status)
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<Row>, StoreError> {
+    pub(crate) fn get(&self, id: &str) -> Result<Option<Row>, StoreError> {
         let conn = self.conn()?;
         let mut stmt =
             conn.prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM msg_log WHERE id = ?1"))?;

@@ -9,8 +9,8 @@ use rusqlite::params;
 
 use crate::config::StoreConfig;
 use crate::store::{
-    now_ms, ConsumeVerdict, Consumption, Delivered, NewMessage, PublishOutcome, PurgeCutoffs,
-    RetryPolicy, Status, Store, StoreError,
+    now_ms, ConsumeVerdict, Consumption, Delivered, Inserted, NewMessage, PublishOutcome,
+    PurgeCutoffs, RetryPolicy, Status, Store, StoreError,
 };
 
 fn config(dir: &Path) -> StoreConfig {
@@ -18,6 +18,11 @@ fn config(dir: &Path) -> StoreConfig {
         path: dir.join("t.db"),
         ..StoreConfig::default()
     }
+}
+
+/// Stores `message` and waits for its commit, as a submit does.
+async fn insert(store: &Store, message: NewMessage) -> Result<Inserted, StoreError> {
+    store.enqueue_insert(message).await?.await
 }
 
 fn message(id: &str, body: &[u8]) -> NewMessage {
@@ -36,9 +41,9 @@ async fn insert_dedupes_and_round_trips_binary() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&config(dir.path())).unwrap();
     let body = vec![0u8, 255, 1, 128];
-    let first = store.insert(message("a", &body)).await.unwrap();
+    let first = insert(&store, message("a", &body)).await.unwrap();
     assert!(!first.duplicate);
-    let again = store.insert(message("a", b"other")).await.unwrap();
+    let again = insert(&store, message("a", b"other")).await.unwrap();
     assert!(again.duplicate);
     let row = store.reader().get("a").unwrap().unwrap();
     assert_eq!(row.body, body);
@@ -47,7 +52,7 @@ async fn insert_dedupes_and_round_trips_binary() {
     assert_eq!(store.reader().counts().unwrap().delivering, 1);
     store.close().await;
     assert!(matches!(
-        store.insert(message("b", b"x")).await,
+        insert(&store, message("b", b"x")).await,
         Err(StoreError::Closed)
     ));
 }
@@ -58,12 +63,12 @@ async fn max_pending_refuses_without_evicting() {
     let mut cfg = config(dir.path());
     cfg.max_pending = 2;
     let store = Store::open(&cfg).unwrap();
-    store.insert(message("1", b"x")).await.unwrap();
-    store.insert(message("2", b"x")).await.unwrap();
-    let refused = store.insert(message("3", b"x")).await;
+    insert(&store, message("1", b"x")).await.unwrap();
+    insert(&store, message("2", b"x")).await.unwrap();
+    let refused = insert(&store, message("3", b"x")).await;
     assert!(matches!(refused, Err(StoreError::BufferFull { .. })));
     // A duplicate of a stored message is still ok.
-    assert!(store.insert(message("2", b"x")).await.unwrap().duplicate);
+    assert!(insert(&store, message("2", b"x")).await.unwrap().duplicate);
     assert_eq!(store.reader().counts().unwrap().delivering, 2);
     store.close().await;
 }
@@ -88,7 +93,7 @@ async fn outcomes_move_status_forward_only() {
         retry_interval_ms: 1000,
     };
     for id in ["a", "b", "c"] {
-        store.insert(message(id, b"x")).await.unwrap();
+        insert(&store, message(id, b"x")).await.unwrap();
     }
     let record = |outcomes| async {
         store
@@ -175,7 +180,7 @@ async fn purge_deletes_old_settled_rows_in_batches_never_delivering() {
         ("very-old-consumed", Status::Consumed, 100),
     ];
     for (id, _, _) in rows {
-        store.insert(message(id, b"x")).await.unwrap();
+        insert(&store, message(id, b"x")).await.unwrap();
     }
     let now = now_ms();
     let db = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();

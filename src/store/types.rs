@@ -88,7 +88,7 @@ impl Status {
         self as i64
     }
 
-    pub fn from_code(code: i64) -> Option<Status> {
+    pub(crate) fn from_code(code: i64) -> Option<Status> {
         Status::ALL.into_iter().find(|s| s.code() == code)
     }
 
@@ -170,30 +170,30 @@ pub struct NewMessage {
 
 /// What storing a [`NewMessage`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Inserted {
+pub(crate) struct Inserted {
     /// A row with this id already existed; nothing was stored.
-    pub duplicate: bool,
+    pub(crate) duplicate: bool,
 }
 
 /// One row of `msg_log`.
 #[derive(Debug, Clone, Serialize)]
-pub struct Row {
-    pub id: String,
-    pub status: Status,
-    pub exchange: String,
-    pub routing_key: String,
-    pub try_count: i64,
-    pub next_try_time: Option<i64>,
-    pub create_time: Option<i64>,
-    pub update_time: Option<i64>,
-    pub last_error: Option<String>,
-    pub headers: Option<String>,
-    pub content_type: Option<String>,
+pub(crate) struct Row {
+    pub(crate) id: String,
+    pub(crate) status: Status,
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) try_count: i64,
+    pub(crate) next_try_time: Option<i64>,
+    pub(crate) create_time: Option<i64>,
+    pub(crate) update_time: Option<i64>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) headers: Option<String>,
+    pub(crate) content_type: Option<String>,
     #[serde(skip)]
-    pub body: Vec<u8>,
+    pub(crate) body: Vec<u8>,
     /// `msg` is stored as TEXT (valid UTF-8) rather than a BLOB.
     #[serde(skip)]
-    pub body_is_text: bool,
+    pub(crate) body_is_text: bool,
 }
 
 /// Rows per status.
@@ -207,7 +207,7 @@ pub struct StatusCounts {
 
 impl StatusCounts {
     /// Adds `n` rows of `status`.
-    pub fn add(&mut self, status: Status, n: u64) {
+    pub(crate) fn add(&mut self, status: Status, n: u64) {
         match status {
             Status::Delivering => self.delivering += n,
             Status::Delivered => self.delivered += n,
@@ -250,18 +250,18 @@ impl PurgeCutoffs {
 /// A delivery as the consumer saw it (enough to insert the row for a
 /// message this agent did not publish).
 #[derive(Debug, Clone)]
-pub struct Delivered {
-    pub id: String,
-    pub exchange: String,
-    pub routing_key: String,
-    pub body: Vec<u8>,
-    pub headers: Option<String>,
-    pub content_type: Option<String>,
+pub(crate) struct Delivered {
+    pub(crate) id: String,
+    pub(crate) exchange: String,
+    pub(crate) routing_key: String,
+    pub(crate) body: Vec<u8>,
+    pub(crate) headers: Option<String>,
+    pub(crate) content_type: Option<String>,
 }
 
 /// What the handler made of a delivery.
 #[derive(Debug, Clone)]
-pub enum Consumption {
+pub(crate) enum Consumption {
     /// The handler succeeded: consumed (from delivering or delivered;
     /// inserted if missing).
     Succeeded(Delivered),
@@ -276,7 +276,7 @@ pub enum Consumption {
 
 /// What the consumer does with the delivery after the commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConsumeVerdict {
+pub(crate) enum ConsumeVerdict {
     /// Recorded as consumed (or already settled): ack.
     Ack,
     /// Failed `attempts` times, fewer than allowed: nack with requeue.
@@ -288,7 +288,7 @@ pub enum ConsumeVerdict {
 /// What one publish attempt of a row came to, as the store records it.
 /// ("Unknown" outcomes are not recorded: the row simply stays due.)
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PublishOutcome {
+pub(crate) enum PublishOutcome {
     /// Broker ack without a return: delivering → delivered.
     Delivered { id: String },
     /// Nack, return, channel closed because of it, or a confirm timeout on a
@@ -298,9 +298,9 @@ pub enum PublishOutcome {
 
 /// How failed attempts are spaced and when they end (from `[publish]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    pub max_attempts: u32,
-    pub retry_interval_ms: i64,
+pub(crate) struct RetryPolicy {
+    pub(crate) max_attempts: u32,
+    pub(crate) retry_interval_ms: i64,
 }
 
 /// A row due for publishing, as the forwarder reads it.
