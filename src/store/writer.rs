@@ -370,8 +370,8 @@ struct OpenGroup<'a> {
     /// answer (the group's error), not applied.
     result: Result<(), StoreError>,
     now: i64,
-    /// Why submits are refused in this group, if they are (checked once per
-    /// group: the size of the file does not change much within one).
+    /// Why submits are refused in this group, if they are (checked once,
+    /// before `BEGIN`).
     storage_refusal: Option<String>,
     limits: Limits,
     delivering: &'a mut u64,
@@ -385,20 +385,16 @@ impl OpenGroup<'_> {
             (Some(tx), Ok(())) => Some(tx),
             _ => None,
         };
+        let now = self.now;
         let applied = match request {
             WriteRequest::Insert { message, reply } => {
-                let answer = match tx {
-                    Some(tx) => {
-                        let refusal = self.storage_refusal.clone().map(StoreError::StorageFull);
-                        insert_one(tx, message, self.now, refusal, self.delivering, self.limits)
-                    }
-                    None => Ok(Ok(Inserted { duplicate: false })),
-                };
-                // A failed group answers with its error, never this placeholder.
-                let (answer, applied) = match answer {
-                    Ok(answer) => (answer, Ok(())),
-                    Err(e) => (Ok(Inserted { duplicate: false }), Err(e)),
-                };
+                let refusal = self.storage_refusal.clone().map(StoreError::StorageFull);
+                let (answer, applied) = split(
+                    tx.map(|tx| {
+                        insert_one(tx, message, now, refusal, self.delivering, self.limits)
+                    }),
+                    Ok(Inserted { duplicate: false }),
+                );
                 replies.push(Reply::Insert(reply, answer));
                 applied
             }
@@ -407,28 +403,19 @@ impl OpenGroup<'_> {
                 policy,
                 reply,
             } => {
+                let (settled, applied) =
+                    split(tx.map(|tx| record_outcomes(tx, &outcomes, policy, now)), 0);
+                *self.delivering = self.delivering.saturating_sub(settled);
                 replies.push(Reply::Done(reply));
-                match tx.map(|tx| record_outcomes(tx, &outcomes, policy, self.now)) {
-                    Some(Ok(settled)) => {
-                        *self.delivering = self.delivering.saturating_sub(settled);
-                        Ok(())
-                    }
-                    Some(Err(e)) => Err(e),
-                    None => Ok(()),
-                }
+                applied
             }
             WriteRequest::Consumption { result, reply } => {
-                let mut verdict = ConsumeVerdict::Ack;
-                let mut applied = Ok(());
-                match tx.map(|tx| record_consumption(tx, &result, self.now)) {
-                    Some(Ok((v, left_delivering))) => {
-                        verdict = v;
-                        if left_delivering {
-                            *self.delivering = self.delivering.saturating_sub(1);
-                        }
-                    }
-                    Some(Err(e)) => applied = Err(e),
-                    None => {}
+                let ((verdict, left_delivering), applied) = split(
+                    tx.map(|tx| record_consumption(tx, &result, now)),
+                    (ConsumeVerdict::Ack, false),
+                );
+                if left_delivering {
+                    *self.delivering = self.delivering.saturating_sub(1);
                 }
                 replies.push(Reply::Consumption(reply, verdict));
                 applied
@@ -438,13 +425,10 @@ impl OpenGroup<'_> {
                 limit,
                 reply,
             } => {
-                let mut deleted = StatusCounts::default();
-                let mut applied = Ok(());
-                match tx.map(|tx| purge_batch(tx, cutoffs, limit)) {
-                    Some(Ok(n)) => deleted = n,
-                    Some(Err(e)) => applied = Err(e),
-                    None => {}
-                }
+                let (deleted, applied) = split(
+                    tx.map(|tx| purge_batch(tx, cutoffs, limit)),
+                    StatusCounts::default(),
+                );
                 replies.push(Reply::Purge(reply, deleted));
                 applied
             }
@@ -457,5 +441,16 @@ impl OpenGroup<'_> {
         if let Err(e) = applied {
             self.result = Err(e);
         }
+    }
+}
+
+/// A request's own answer (`placeholder` when it was not applied, or failed:
+/// a failed group answers with its error, never the placeholder), and the
+/// error that fails the group, if any.
+fn split<T>(applied: Option<Result<T, StoreError>>, placeholder: T) -> (T, Result<(), StoreError>) {
+    match applied {
+        Some(Ok(answer)) => (answer, Ok(())),
+        Some(Err(e)) => (placeholder, Err(e)),
+        None => (placeholder, Ok(())),
     }
 }
