@@ -31,6 +31,12 @@
 //! operator's `retry` (failed → delivering). A late confirm never moves a
 //! row the consumer already settled.
 //!
+//! The allowed moves are one table, `TRANSITIONS` in `types.rs`. Each
+//! status-changing statement binds its guard (`WHERE status = :from`) and
+//! new status from a `Move` that is checked against the table when the
+//! crate compiles; the consumer's moves ask `Status::can_move`; a unit test
+//! drives every such write from every status and compares with the table.
+//!
 //! # Group commit
 //!
 //! Every write of the agent (a submit, a publish outcome, a consumer
@@ -48,8 +54,9 @@
 //! 2. open the file (creating it), set WAL and `synchronous`, read both back;
 //! 3. `PRAGMA quick_check`: a damaged file stops the agent, untouched;
 //! 4. apply the migrations up to [`SCHEMA_VERSION`];
-//! 5. count the delivering rows (the `store.max_pending` limit);
-//! 6. open the reader pool, start the writer thread.
+//! 5. open the reader pool;
+//! 6. count the delivering rows (the `store.max_pending` limit) and start
+//!    the writer thread.
 //!
 //! Nothing else needs recovering: SQLite's WAL rolls back a group that did
 //! not commit, and its requests were never answered. No publish state lives

@@ -3,7 +3,8 @@
 //!
 //! Owns [`MIGRATIONS`] (the ordered schema history), [`SCHEMA_VERSION`], the
 //! lock on `<path>.lock`, and the writer connection until it is handed to
-//! the writer thread.
+//! the writer thread. [`apply_schema`] lends the same migrations to tests
+//! and benchmarks that prefill a database.
 //!
 //! Invariants:
 //! - The lock is taken before anything reads or writes the file: a second
@@ -11,7 +12,7 @@
 //! - WAL and the configured `synchronous` are read back after they are set;
 //!   a database that does not take them is not opened.
 //! - A file that fails `quick_check` (or is not a database) is reported
-//!   [`StoreError::Corrupt`] and left exactly as it was.
+//!   [`StoreError::Corrupt`] and left in place, never replaced or repaired.
 //! - Migrations only append: entry `i` of [`MIGRATIONS`] brings
 //!   `user_version` from `i` to `i + 1`, each in its own transaction with
 //!   the version bump; a file newer than [`SCHEMA_VERSION`] is refused.

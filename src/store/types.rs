@@ -1,14 +1,16 @@
 //! Store types: what the rest of the agent hands to the store and gets
 //! back from it.
 //!
-//! Owns [`Status`] (the four places a message can be), the row shapes
-//! ([`Row`], [`OutgoingRow`], [`StatusCounts`]), the write inputs
+//! Owns [`Status`] (the four places a message can be) with its SQL column
+//! encoding and the one table of allowed moves ([`TRANSITIONS`], [`Move`]),
+//! the row shapes ([`Row`], [`OutgoingRow`], [`StatusCounts`]), the write inputs
 //! ([`NewMessage`], [`PublishOutcome`], [`Consumption`], [`PurgeCutoffs`],
 //! [`RetryPolicy`]) and their answers ([`Inserted`], [`ConsumeVerdict`]).
 //!
-//! Invariant: these are plain data; what a write does with them is
-//! `store/write.rs`, and which status moves are allowed is the one table here
-//! (docs/storage.md, Statuses and transitions).
+//! Invariants: these are plain data; what a write does with them is
+//! `store/write.rs`. No status moves except as [`TRANSITIONS`] says
+//! (docs/storage.md, Statuses and transitions); a status code no [`Status`]
+//! has is an error when read, never a guess.
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use serde::Serialize;
