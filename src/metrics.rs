@@ -4,7 +4,7 @@
 //! `Arc<Metrics>` and bump counters as events happen (submits, publishes,
 //! confirms, returns, nacks, timeouts, reconnects, deliveries, duplicates,
 //! handler failures, confirm latency); what the database knows (rows by
-//! status, backlog, oldest undelivered age, database size, free disk) is read
+//! status, delivering, oldest delivering age, database size, free disk) is read
 //! at scrape time, so it is never stale.
 //!
 //! Invariant: metrics never hold up the work: counters are atomics, and the
@@ -66,8 +66,8 @@ pub struct Metrics {
     pub handler_failures: Counter,
     pub dead_lettered: Counter,
     rows: Family<StatusLabel, Gauge>,
-    backlog: Gauge,
-    oldest_pending_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    delivering: Gauge,
+    oldest_delivering_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     db_size: Gauge,
     free_disk: Gauge,
     in_flight: Gauge,
@@ -103,8 +103,8 @@ impl Metrics {
             handler_failures: Counter::default(),
             dead_lettered: Counter::default(),
             rows: Family::default(),
-            backlog: Gauge::default(),
-            oldest_pending_age: Gauge::default(),
+            delivering: Gauge::default(),
+            oldest_delivering_age: Gauge::default(),
             db_size: Gauge::default(),
             free_disk: Gauge::default(),
             in_flight: Gauge::default(),
@@ -190,14 +190,14 @@ impl Metrics {
         );
         r.register("rows", "Rows in msg_log by status", m.rows.clone());
         r.register(
-            "backlog",
-            "Messages not yet delivered (status 0)",
-            m.backlog.clone(),
+            "delivering",
+            "Messages waiting to be forwarded (status 0, delivering)",
+            m.delivering.clone(),
         );
         r.register(
-            "oldest_undelivered_age_seconds",
-            "Age of the oldest status-0 message",
-            m.oldest_pending_age.clone(),
+            "oldest_delivering_age_seconds",
+            "Age of the oldest delivering message (status 0)",
+            m.oldest_delivering_age.clone(),
         );
         r.register(
             "database_size_bytes",
@@ -245,9 +245,9 @@ impl Metrics {
                 })
                 .set(n as i64);
         }
-        self.backlog.set(c.delivering as i64);
-        self.oldest_pending_age
-            .set(report.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+        self.delivering.set(c.delivering as i64);
+        self.oldest_delivering_age
+            .set(report.oldest_delivering_age_ms.unwrap_or(0) as f64 / 1000.0);
         self.db_size.set(report.db_size_bytes as i64);
         self.free_disk
             .set(report.free_disk_bytes.unwrap_or(0) as i64);

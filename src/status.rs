@@ -54,8 +54,8 @@ pub struct StatusReport {
     pub source: String,
     pub version: String,
     pub counts: StatusCounts,
-    /// Age in ms of the oldest message not yet delivered.
-    pub oldest_pending_age_ms: Option<i64>,
+    /// Age in ms of the oldest delivering message (status 0).
+    pub oldest_delivering_age_ms: Option<i64>,
     /// Present when the agent answered.
     pub broker: Option<BrokerStatus>,
     pub db_path: String,
@@ -67,7 +67,7 @@ impl StatusReport {
     /// Reads the database's part of the report; `broker` is the agent's part.
     pub fn collect(reader: &Reader, broker: Option<&BrokerState>) -> Result<Self, StoreError> {
         let counts = reader.counts()?;
-        let oldest = reader.oldest_pending()?;
+        let oldest = reader.oldest_delivering()?;
         Ok(StatusReport {
             source: if broker.is_some() {
                 "agent"
@@ -77,7 +77,7 @@ impl StatusReport {
             .into(),
             version: env!("CARGO_PKG_VERSION").into(),
             counts,
-            oldest_pending_age_ms: oldest.map(|t| (store::now_ms() - t).max(0)),
+            oldest_delivering_age_ms: oldest.map(|t| (store::now_ms() - t).max(0)),
             broker: broker.map(BrokerState::get),
             db_path: reader.path().display().to_string(),
             db_size_bytes: reader.db_size(),

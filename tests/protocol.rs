@@ -210,7 +210,7 @@ fn ten_thousand_pipelined_requests_are_answered_in_order() {
         .query_row(
             "SELECT COUNT(*) FROM msg_log WHERE id LIKE 'p-%' AND status = ?1 \
              AND exchange = 'ex' AND routing_key = 'rk'",
-            [Status::Delivering as i64],
+            [Status::Delivering],
             |r| r.get(0),
         )
         .expect("counting the rows");
