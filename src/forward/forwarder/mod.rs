@@ -33,25 +33,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{Stream, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, Event};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+mod answers;
+mod publishing;
+
 use super::backlog::Backlog;
-use super::exchanges::{Exchanges, Known};
-use super::ledger::{Next, Reply, Settle};
-use super::outcome::{blames_a_message, confirm_event, properties, ConfirmEvent};
+use super::exchanges::Exchanges;
+use super::ledger::Next;
 use super::resend::{PassReport, PassRequest};
 use super::side::{self, Pace};
-use super::window::{Confirmed, Sent, Window};
+use super::window::Window;
 use crate::broker::{self, ConnectFailure, Connector, Linked, Reconnect, SetupError};
 use crate::config::{ConsumerConfig, PublishConfig};
 use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::service::{self, ProbeRx};
 use crate::status::BrokerState;
-use crate::store::{now_ms, OutgoingRow, RetryPolicy, Store, StoreError};
+use crate::store::{now_ms, RetryPolicy, Store, StoreError};
 
 /// How long shutdown waits for outstanding confirms.
 const SHUTDOWN_CONFIRM_WAIT: Duration = Duration::from_secs(5);
@@ -393,225 +395,6 @@ impl Forwarder {
             Some(_) => {}
         }
         None
-    }
-
-    /// A confirm arrived: it and every other one already there. Rows whose
-    /// confirm timed out are charged only if the broker then answers a
-    /// liveness probe; `Some(reason)` when it does not (the link is dead).
-    async fn on_confirms(&mut self, first: Confirmed, session: Wire<'_>) -> Option<String> {
-        let mut overdue = Vec::new();
-        self.on_confirm(first, session, &mut overdue);
-        while let Some(more) = self.window.ready_confirm() {
-            self.on_confirm(more, session, &mut overdue);
-        }
-        if overdue.is_empty() {
-            return None;
-        }
-        let timeout = self.reconnect.connect_timeout();
-        if !side::link_alive(session.connection, timeout).await {
-            return Some(format!(
-                "{} confirms overdue and no answer to a liveness probe within {}",
-                overdue.len(),
-                humantime::format_duration(timeout)
-            ));
-        }
-        let reason = format!(
-            "no confirm within publish.confirm_timeout ({}) while the broker answered",
-            humantime::format_duration(self.config.confirm_timeout)
-        );
-        let ids: Vec<String> = overdue.iter().map(|c| c.id.clone()).collect();
-        for settle in self.window.ledger.charge_overdue(&ids, &reason) {
-            if let Some(c) = overdue.iter().find(|c| c.id == settle.id()) {
-                self.note_failure(&c.exchange, &c.routing_key, &reason);
-            }
-            self.window.record(settle);
-        }
-        None
-    }
-
-    fn on_confirm(&mut self, c: Confirmed, session: Wire<'_>, overdue: &mut Vec<Confirmed>) {
-        match confirm_event(&c.result) {
-            ConfirmEvent::Reply(reply) => {
-                let m = &self.metrics;
-                match &reply {
-                    Reply::Ack => {
-                        m.confirms.inc();
-                        m.confirm_latency.observe(c.sent_at.elapsed().as_secs_f64());
-                    }
-                    Reply::Returned { .. } => {
-                        m.returns.inc();
-                    }
-                    Reply::Nack => {
-                        m.nacks.inc();
-                    }
-                }
-                if let Some(settle) = self.window.ledger.confirmed(&c.id, c.generation, reply) {
-                    self.settle(&c, settle);
-                }
-            }
-            ConfirmEvent::Closed(close) => {
-                // The first answer about a closed channel accounts for all
-                // its rows; later ones are stale.
-                let blame = close.filter(|close| blames_a_message(close.code));
-                if blame.as_ref().is_some_and(|close| close.code == 404) {
-                    self.exchanges.forget_all();
-                }
-                let settles = self
-                    .window
-                    .ledger
-                    .channel_closed(c.generation, blame.as_ref());
-                if let Some(blame) = &blame {
-                    tracing::debug!(generation = c.generation, error = %blame, charged = settles.len(), "the broker closed the publishing channel");
-                }
-                for settle in settles {
-                    self.settle(&c, settle);
-                }
-            }
-            ConfirmEvent::TimedOut => {
-                self.metrics.confirm_timeouts.inc();
-                if !self.window.ledger.awaits(&c.id, c.generation) {
-                    return;
-                }
-                if session.blocked {
-                    self.window.ledger.forget(&c.id, c.generation);
-                    self.backlog.rewind();
-                } else {
-                    overdue.push(c);
-                }
-            }
-        }
-    }
-
-    /// Records an outcome the ledger decided; a failure also feeds the log
-    /// digest.
-    fn settle(&mut self, c: &Confirmed, settle: Settle) {
-        if let Settle::Rejected(id, reason) = &settle {
-            tracing::debug!(message_id = %id, error = %reason, "publish attempt failed");
-            if *id == c.id {
-                self.note_failure(&c.exchange, &c.routing_key, reason);
-            }
-        }
-        self.window.record(settle);
-    }
-
-    /// Publishes a suspect again (read back from the database: the ledger
-    /// keeps ids, not bodies). A row no longer delivering is let go.
-    async fn publish_suspect(&mut self, session: Wire<'_>, id: String) -> Result<(), ForwardError> {
-        let reader = self.store.reader().clone();
-        let lookup = id.clone();
-        let row = tokio::task::spawn_blocking(move || reader.outgoing(&lookup))
-            .await
-            .map_err(|e| StoreError::WriteFailed(format!("suspect read: {e}")))??;
-        match row {
-            Some(row) => self.route(session, row).await,
-            None => self.window.ledger.vanished(&id),
-        }
-        Ok(())
-    }
-
-    /// Publishes a row unless the broker is known to refuse its exchange;
-    /// an exchange not known either way is asked about first.
-    async fn route(&mut self, session: Wire<'_>, row: OutgoingRow) {
-        match self.exchanges.lookup(&row.exchange, Instant::now()) {
-            Known::Exists => self.publish(session, row).await,
-            Known::Missing(reply) => self.refuse(&row, reply),
-            Known::Unknown => {
-                let timeout = self.reconnect.connect_timeout();
-                match side::check_exchange(session.connection, &row.exchange, timeout).await {
-                    Some(answer) => {
-                        self.exchanges
-                            .answered(&row.exchange, answer.clone(), Instant::now());
-                        match answer {
-                            None => self.publish(session, row).await,
-                            Some(reply) => self.refuse(&row, reply),
-                        }
-                    }
-                    // No answer: the row goes out with the next pass.
-                    None => self.window.ledger.not_sent(&row.id),
-                }
-            }
-        }
-    }
-
-    /// One failed attempt for a row that was not published.
-    fn refuse(&mut self, row: &OutgoingRow, reason: String) {
-        tracing::debug!(message_id = %row.id, error = %reason, "publish attempt failed");
-        self.note_failure(&row.exchange, &row.routing_key, &reason);
-        let settle = self.window.ledger.refuse(&row.id, reason);
-        self.window.record(settle);
-    }
-
-    async fn publish(&mut self, session: Wire<'_>, row: OutgoingRow) {
-        let properties = match properties(&row) {
-            Ok(properties) => properties,
-            Err(e) => return self.refuse(&row, format!("cannot be published: {e}")),
-        };
-        let sent = tokio::time::timeout(
-            self.config.confirm_timeout,
-            session.channel.basic_publish(
-                row.exchange.as_str().into(),
-                row.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &row.body,
-                properties,
-            ),
-        )
-        .await;
-        match sent {
-            Ok(Ok(confirm)) => {
-                self.metrics.publishes.inc();
-                let OutgoingRow {
-                    id,
-                    exchange,
-                    routing_key,
-                    ..
-                } = row;
-                let sent = Sent {
-                    id,
-                    exchange,
-                    routing_key,
-                    generation: session.generation,
-                };
-                self.window
-                    .published(sent, confirm, self.config.confirm_timeout);
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(message_id = %row.id, error = %e, "publish failed; will publish again");
-                self.window.ledger.not_sent(&row.id);
-            }
-            Err(_) => {
-                tracing::debug!(message_id = %row.id, "publish did not complete in time; will publish again");
-                self.window.ledger.not_sent(&row.id);
-            }
-        }
-    }
-
-    /// One line per (exchange, routing key, reason) and period; the rest
-    /// is counted into the next line.
-    fn note_failure(&mut self, exchange: &str, routing_key: &str, reason: &str) {
-        let key = (
-            exchange.to_string(),
-            routing_key.to_string(),
-            reason.to_string(),
-        );
-        if let Some(count) = self.failures.note(&key, Instant::now()) {
-            tracing::warn!(
-                exchange,
-                routing_key,
-                error = reason,
-                count,
-                "publish attempts failed"
-            );
-        }
-    }
-
-    fn report_failures(&mut self) {
-        for ((exchange, routing_key, error), count) in self.failures.due(Instant::now()) {
-            tracing::warn!(%exchange, %routing_key, %error, count, "publish attempts failed");
-        }
     }
 
     /// Shutdown with a link: drain (bounded), close (bounded), stop.
