@@ -70,6 +70,6 @@ mod outcome;
 mod resend;
 mod window;
 
-pub use forwarder::ForwardError;
+pub(crate) use forwarder::ForwardError;
 pub(crate) use forwarder::Forwarder;
 pub(crate) use resend::Resend;
