@@ -28,7 +28,7 @@ use crate::status::StatusReport;
 use crate::store::Reader;
 
 #[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
+pub(crate) enum MetricsError {
     #[error("cannot listen on metrics.listen {addr}: {source}")]
     Bind {
         addr: String,
@@ -37,7 +37,7 @@ pub enum MetricsError {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
+pub(crate) struct ReasonLabel {
     pub reason: String,
 }
 
@@ -47,7 +47,7 @@ struct StatusLabel {
 }
 
 /// Every metric of the agent.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub submits_accepted: Counter,
     pub submits_duplicate: Counter,
@@ -81,7 +81,10 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    // One flat list of registrations, longer than a function should be:
+    // it is the catalogue of every metric (name, help, kind) in one place,
+    // matching docs/operations.md, Metrics; splitting it would scatter it.
+    pub(crate) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("edge_outbox");
         let m = Metrics {
             submits_accepted: Counter::default(),
@@ -222,7 +225,7 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn refused(&self, reason: &str) {
+    pub(crate) fn refused(&self, reason: &str) {
         self.submits_refused
             .get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
@@ -258,7 +261,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
@@ -267,17 +270,17 @@ impl Metrics {
 }
 
 /// Produces the status report at scrape time (given by the wiring).
-pub type ReportSource = Arc<dyn Fn() -> Option<StatusReport> + Send + Sync>;
+pub(crate) type ReportSource = Arc<dyn Fn() -> Option<StatusReport> + Send + Sync>;
 
 /// The `/metrics` endpoint.
-pub struct MetricsServer {
+pub(crate) struct MetricsServer {
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     report: ReportSource,
 }
 
 impl MetricsServer {
-    pub async fn bind(
+    pub(crate) async fn bind(
         addr: SocketAddr,
         metrics: Arc<Metrics>,
         report: ReportSource,
@@ -296,11 +299,7 @@ impl MetricsServer {
         })
     }
 
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
-    }
-
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), MetricsError> {
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), MetricsError> {
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -368,7 +367,7 @@ async fn respond(
 }
 
 /// A report source reading `reader` (and the forwarder's state).
-pub fn report_source(reader: Reader, broker: crate::status::BrokerState) -> ReportSource {
+pub(crate) fn report_source(reader: Reader, broker: crate::status::BrokerState) -> ReportSource {
     Arc::new(move || StatusReport::collect(&reader, Some(&broker)).ok())
 }
 

@@ -84,6 +84,6 @@ mod resend;
 mod side;
 mod window;
 
-pub use forwarder::ForwardError;
+pub(crate) use forwarder::ForwardError;
 pub(crate) use forwarder::Forwarder;
 pub(crate) use resend::Resend;

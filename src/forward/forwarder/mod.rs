@@ -62,7 +62,7 @@ const SHUTDOWN_CONFIRM_WAIT: Duration = Duration::from_secs(5);
 const OPEN_CHANNEL: &str = "cannot open a confirm-mode channel";
 
 #[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
+pub(crate) enum ForwardError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
