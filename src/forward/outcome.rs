@@ -84,11 +84,34 @@ pub(crate) fn blames_a_message(code: u16) -> bool {
     )
 }
 
+/// AMQP short strings (the exchange, routing key, `message_id` and content
+/// type) hold at most 255 bytes; lapin panics on a longer one. Submit
+/// refuses such rows, so only a row written into `msg_log` by hand can have
+/// one: it is refused with the reason, never sent.
+pub(crate) fn short_fields(row: &OutgoingRow) -> Result<(), String> {
+    let fields = [
+        ("exchange", Some(row.exchange.as_str())),
+        ("routing key", Some(row.routing_key.as_str())),
+        ("id", Some(row.id.as_str())),
+        ("content type", row.content_type.as_deref()),
+    ];
+    for (name, value) in fields {
+        if let Some(value) = value.filter(|v| v.len() > 255) {
+            return Err(format!(
+                "its {name} is {} bytes long (AMQP allows 255)",
+                value.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// AMQP properties of a row: persistent, its id, its submit time, its
 /// content type and headers when it has them. `Err` when the stored
 /// headers cannot be sent (a row written into `msg_log` by hand): the row
 /// is then charged with that reason instead of being published.
 pub(crate) fn properties(row: &OutgoingRow) -> Result<BasicProperties, String> {
+    short_fields(row)?;
     let mut properties = BasicProperties::default()
         .with_message_id(row.id.as_str().into())
         .with_delivery_mode(2)
@@ -101,8 +124,7 @@ pub(crate) fn properties(row: &OutgoingRow) -> Result<BasicProperties, String> {
         properties = properties.with_content_type(ct.as_str().into());
     }
     if let Some(stored) = row.headers.as_deref() {
-        let table = headers::encode(stored)
-            .ok_or_else(|| "its stored headers are not a JSON object".to_string())?;
+        let table = headers::encode(stored).map_err(|e| e.to_string())?;
         properties = properties.with_headers(table);
     }
     Ok(properties)

@@ -9,7 +9,7 @@ use lapin::options::BasicPublishOptions;
 
 use super::{ForwardError, Forwarder, Wire};
 use crate::forward::exchanges::Known;
-use crate::forward::outcome::properties;
+use crate::forward::outcome::{properties, short_fields};
 use crate::forward::side;
 use crate::forward::window::Sent;
 use crate::store::{OutgoingRow, StoreError};
@@ -37,6 +37,9 @@ impl Forwarder {
     /// Publishes a row unless the broker is known to refuse its exchange;
     /// an exchange not known either way is asked about first.
     pub(super) async fn route(&mut self, session: Wire<'_>, row: OutgoingRow) {
+        if let Err(e) = short_fields(&row) {
+            return self.refuse(&row, format!("cannot be published: {e}"));
+        }
         match self.exchanges.lookup(&row.exchange, Instant::now()) {
             Known::Exists => self.publish(session, row).await,
             Known::Missing(reply) => self.refuse(&row, reply),
