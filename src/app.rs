@@ -60,6 +60,9 @@ type TaskResult = (&'static str, Result<(), String>);
 
 /// Runs the agent until SIGTERM/SIGINT or a task failure.
 pub async fn run(config: Config) -> Result<(), AppError> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
