@@ -59,10 +59,12 @@ pub enum AppError {
 type TaskResult = (&'static str, Result<(), String>);
 
 /// Runs the agent until SIGTERM/SIGINT or a task failure.
-pub async fn run(config: Config) -> Result<(), AppError> {
+pub async fn run(mut config: Config) -> Result<(), AppError> {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    // Before anything opens a descriptor the budget must account for.
+    crate::fd_limit::apply(&mut config);
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;

@@ -18,6 +18,7 @@
 //! - [`purge`]: the daily and on-demand deletion of old settled rows;
 //! - [`service`]: systemd notifications: READY, STOPPING, a progress-checked watchdog;
 //! - [`status`]: the status report shared by the socket and the CLI;
+//! - [`fd_limit`]: the file descriptor budget: the soft limit raised, the connections clamped;
 //! - [`app`]: the only module that wires components together and supervises them;
 //! - [`cli`]: the command line.
 
@@ -26,6 +27,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod consume;
+pub(crate) mod fd_limit;
 pub mod forward;
 pub mod metrics;
 pub(crate) mod protocol;
