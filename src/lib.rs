@@ -19,6 +19,7 @@
 //! - [`service`]: systemd notifications: READY, STOPPING, a progress-checked watchdog;
 //! - [`status`]: the status report shared by the socket and the CLI;
 //! - [`fd_limit`]: the file descriptor budget: the soft limit raised, the connections clamped;
+//! - [`logging`]: where the log goes: journald's native protocol, stderr lines or JSON;
 //! - [`app`]: the only module that wires components together and supervises them;
 //! - [`cli`]: the command line.
 
@@ -29,6 +30,7 @@ pub mod config;
 pub mod consume;
 pub(crate) mod fd_limit;
 pub mod forward;
+pub(crate) mod logging;
 pub mod metrics;
 pub(crate) mod protocol;
 pub mod purge;

@@ -20,7 +20,7 @@ use crate::store::{Admin, Reader, Status};
 
 /// `run`: the agent in the foreground until a signal.
 pub(super) fn run(config: Config) -> anyhow::Result<ExitCode> {
-    crate::app::init_logging(&config.log);
+    crate::logging::init(&config.log);
     match runtime()?.block_on(crate::app::run(config)) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // A password or TLS file that cannot be read is a
