@@ -29,6 +29,8 @@
 //! | [`service`] | systemd: READY, STOPPING, STATUS, the progress-checked watchdog |
 //! | [`status`] | the status report shared by the socket, the CLI and metrics |
 //! | [`metrics`] | Prometheus counters and gauges at `/metrics` |
+//! | [`fd_limit`] | the descriptor budget: the soft limit raised, the connections clamped |
+//! | [`logging`] | where the log goes: journald's native protocol, stderr lines or JSON |
 //!
 //! One message, from socket to consumed: `submit::connection` reads the
 //! line, `submit::parse` turns it into a `store::NewMessage`, the
@@ -49,7 +51,9 @@ pub(crate) mod broker;
 pub mod cli;
 pub(crate) mod config;
 pub(crate) mod consume;
+pub(crate) mod fd_limit;
 pub(crate) mod forward;
+pub(crate) mod logging;
 pub(crate) mod metrics;
 pub(crate) mod protocol;
 pub(crate) mod purge;
