@@ -133,8 +133,17 @@ pub(crate) async fn run(mut config: Config) -> Result<(), AppError> {
         spawn(&mut tasks, "metrics", server.run(shutdown.clone()));
     }
     let (forwarder_prober, forwarder_probes) = Prober::new("publish");
+    // The forwarder declares the agent's own consumer topology before it
+    // publishes, so nothing goes to an exchange the agent itself creates
+    // before that exchange exists (docs/forwarding.md, Connection).
+    let own_topology = config
+        .consumer
+        .queue
+        .clone()
+        .map(|queue| (queue, config.consumer.clone()));
     let (forwarder, passes) = Forwarder::new(
         config.publish.clone(),
+        own_topology,
         publish_connector,
         store.clone(),
         broker.clone(),

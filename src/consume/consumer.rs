@@ -203,6 +203,7 @@ impl Consumer {
         let _ = tokio::time::timeout(SHUTDOWN_HANDLER_WAIT, drain(&mut running)).await;
         running.abort_all();
         broker::close(&session.connection, "reconnecting").await;
+        self.reconnect.lost();
         Ok(Link::Down)
     }
 }

@@ -58,7 +58,7 @@ mod delivery;
 mod handler;
 mod in_flight;
 mod message;
-mod topology;
+pub(crate) mod topology;
 
 pub(crate) use consumer::Consumer;
 

@@ -64,6 +64,28 @@ const DUE_PAGE_SQL: &str = "SELECT rowid, id, msg, exchange, routing_key, header
      content_type, create_time FROM msg_log WHERE status = ?4 AND rowid > ?1 \
      AND (next_try_time IS NULL OR next_try_time <= ?2) ORDER BY rowid LIMIT ?3";
 
+/// One delivering row by id, with the columns of [`DUE_PAGE_SQL`].
+const OUTGOING_SQL: &str = "SELECT rowid, id, msg, exchange, routing_key, headers, \
+     content_type, create_time FROM msg_log WHERE status = ?2 AND id = ?1";
+
+/// A row of [`DUE_PAGE_SQL`] or [`OUTGOING_SQL`].
+fn outgoing_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutgoingRow> {
+    let body = match r.get_ref(2)? {
+        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => t.to_vec(),
+        _ => Vec::new(),
+    };
+    Ok(OutgoingRow {
+        rowid: r.get(0)?,
+        id: r.get(1)?,
+        body,
+        exchange: r.get(3)?,
+        routing_key: r.get(4)?,
+        headers: r.get(5)?,
+        content_type: r.get(6)?,
+        create_time: r.get(7)?,
+    })
+}
+
 /// One `(status, COUNT(*))` row.
 fn count_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Status, u64)> {
     Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64))
@@ -214,26 +236,19 @@ impl Reader {
                 i64::try_from(limit).unwrap_or(i64::MAX),
                 Status::Delivering
             ],
-            |r| {
-                let body = match r.get_ref(2)? {
-                    rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
-                        t.to_vec()
-                    }
-                    _ => Vec::new(),
-                };
-                Ok(OutgoingRow {
-                    rowid: r.get(0)?,
-                    id: r.get(1)?,
-                    body,
-                    exchange: r.get(3)?,
-                    routing_key: r.get(4)?,
-                    headers: r.get(5)?,
-                    content_type: r.get(6)?,
-                    create_time: r.get(7)?,
-                })
-            },
+            outgoing_from,
         )?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// One row as the forwarder publishes it, if it is still delivering
+    /// (the forwarder re-reads a suspect it isolates).
+    pub(crate) fn outgoing(&self, id: &str) -> Result<Option<OutgoingRow>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(OUTGOING_SQL)?;
+        Ok(stmt
+            .query_row(params![id, Status::Delivering], outgoing_from)
+            .optional()?)
     }
 
     /// How many rows a purge with `cutoffs` would delete, per status.
