@@ -20,7 +20,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -65,12 +65,42 @@ pub(crate) async fn run(mut config: Config) -> Result<(), AppError> {
     }
     // Before anything opens a descriptor the budget must account for.
     crate::fd_limit::apply(&mut config);
-    let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
-    let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
+    let mut signals = Signals::install()?;
+    let started = start(&config).await?;
+    let store = started.store.clone();
+    let shutdown = CancellationToken::new();
+    let mut tasks = spawn_tasks(&config, started, &shutdown);
+    let mut failure = signals.until_stop(&mut tasks).await;
+    service::stopping();
+    shutdown.cancel();
+    signals.second_one_exits();
+    drain(&mut tasks, &mut failure).await;
+    store.close().await;
+    tracing::info!("edge-outbox stopped");
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
 
+/// What start-up opened and bound, before READY.
+struct Started {
+    store: Store,
+    broker: BrokerState,
+    metrics: Arc<Metrics>,
+    socket: SubmitSocket,
+    metrics_server: Option<MetricsServer>,
+    publish_connector: Connector,
+    /// The consumer's queue and connector, when there is a consumer.
+    consumer: Option<(String, Connector)>,
+}
+
+/// Opens the store and binds every listener, then tells systemd READY.
+/// Everything that listens is bound before READY: a port or a socket in
+/// use is a start-up failure, not a task that dies later.
+async fn start(config: &Config) -> Result<Started, AppError> {
     let publish_connector = Connector::new(&config.broker, "publisher")?;
-    let consumer_connector = match &config.consumer.queue {
+    let consumer = match &config.consumer.queue {
         Some(queue) => Some((queue.clone(), Connector::new(&config.broker, "consumer")?)),
         None => None,
     };
@@ -85,8 +115,6 @@ pub(crate) async fn run(mut config: Config) -> Result<(), AppError> {
     };
     let broker = BrokerState::default();
     let metrics = Arc::new(Metrics::new());
-    // Everything that listens is bound before READY: a port or a socket in
-    // use is a start-up failure, not a task that dies later.
     let listeners = async {
         let socket = SubmitSocket::bind(&config.submit)?;
         let metrics_server = match config.metrics.listen {
@@ -113,8 +141,32 @@ pub(crate) async fn run(mut config: Config) -> Result<(), AppError> {
         "edge-outbox ready"
     );
     service::ready();
+    Ok(Started {
+        store,
+        broker,
+        metrics,
+        socket,
+        metrics_server,
+        publish_connector,
+        consumer,
+    })
+}
 
-    let shutdown = CancellationToken::new();
+/// Starts every long-running task.
+fn spawn_tasks(
+    config: &Config,
+    started: Started,
+    shutdown: &CancellationToken,
+) -> JoinSet<TaskResult> {
+    let Started {
+        store,
+        broker,
+        metrics,
+        socket,
+        metrics_server,
+        publish_connector,
+        consumer,
+    } = started;
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
     let status_source: StatusSource = {
         let reader = store.reader().clone();
@@ -166,53 +218,77 @@ pub(crate) async fn run(mut config: Config) -> Result<(), AppError> {
     }
     let purge = Purge::new(config.purge.clone(), store.clone());
     spawn(&mut tasks, "purge", purge.run(shutdown.clone()));
-    if let Some((queue, connector)) = consumer_connector {
-        let consumer = Consumer::new(
-            queue,
-            config.consumer.clone(),
-            connector,
-            store.clone(),
-            metrics.clone(),
-        );
+    if let Some((queue, connector)) = consumer {
+        let consumer = Consumer::new(queue, config.consumer.clone(), connector, store, metrics);
         spawn(&mut tasks, "consume", consumer.run(shutdown.clone()));
     }
+    tasks
+}
 
-    let mut failure = None;
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => {
-                tracing::info!(signal = "SIGTERM", "shutting down");
-                break;
-            }
-            _ = interrupt.recv() => {
-                tracing::info!(signal = "SIGINT", "shutting down");
-                break;
-            }
-            _ = hangup.recv() => {
-                tracing::info!(signal = "SIGHUP", "ignored: the configuration is read at start; restart the agent to apply changes");
-            }
-            Some(ended) = tasks.join_next() => {
-                // Tasks end only on shutdown: one that ends before is a failure.
-                failure = Some(task_failure(ended).unwrap_or(AppError::Task {
-                    task: "a task",
-                    message: "ended before shutdown".into(),
-                }));
-                break;
+/// The signals the agent acts on.
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, AppError> {
+        let install = |kind| signal(kind).map_err(AppError::Signals);
+        Ok(Signals {
+            terminate: install(SignalKind::terminate())?,
+            interrupt: install(SignalKind::interrupt())?,
+            hangup: install(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for SIGTERM/SIGINT (→ `None`) or a task that ends, which is a
+    /// failure: tasks end only on shutdown. SIGHUP is logged and ignored.
+    async fn until_stop(&mut self, tasks: &mut JoinSet<TaskResult>) -> Option<AppError> {
+        loop {
+            tokio::select! {
+                _ = self.terminate.recv() => {
+                    tracing::info!(signal = "SIGTERM", "shutting down");
+                    return None;
+                }
+                _ = self.interrupt.recv() => {
+                    tracing::info!(signal = "SIGINT", "shutting down");
+                    return None;
+                }
+                _ = self.hangup.recv() => {
+                    tracing::info!(signal = "SIGHUP", "ignored: the configuration is read at start; restart the agent to apply changes");
+                }
+                Some(ended) = tasks.join_next() => {
+                    return Some(task_failure(ended).unwrap_or(AppError::Task {
+                        task: "a task",
+                        message: "ended before shutdown".into(),
+                    }));
+                }
             }
         }
     }
-    service::stopping();
-    shutdown.cancel();
-    // A second signal means "now".
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => {},
-            _ = interrupt.recv() => {},
-        }
-        tracing::warn!("second signal: exiting at once");
-        std::process::exit(1);
-    });
 
+    /// From now on a second SIGTERM/SIGINT means "now": exit at once.
+    fn second_one_exits(self) {
+        let Signals {
+            mut terminate,
+            mut interrupt,
+            ..
+        } = self;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = terminate.recv() => {},
+                _ = interrupt.recv() => {},
+            }
+            tracing::warn!("second signal: exiting at once");
+            std::process::exit(1);
+        });
+    }
+}
+
+/// Waits for the tasks, at most [`DRAIN_TIMEOUT`]; a task still running
+/// then is named in the log and abandoned. The first failure is kept.
+async fn drain(tasks: &mut JoinSet<TaskResult>, failure: &mut Option<AppError>) {
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while let Some(ended) = tasks.join_next().await {
             if let Some(e) = task_failure(ended) {
@@ -227,12 +303,6 @@ pub(crate) async fn run(mut config: Config) -> Result<(), AppError> {
             "tasks still running after the drain timeout; abandoning them"
         );
         tasks.abort_all();
-    }
-    store.close().await;
-    tracing::info!("edge-outbox stopped");
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
     }
 }
 
