@@ -149,7 +149,7 @@ impl StatusNotifier {
             _ => "broker not connected".to_string(),
         };
         let line = format!(
-            "{} waiting, {} failed; {broker}",
+            "{} delivering, {} failed; {broker}",
             r.counts.delivering, r.counts.failed
         );
         let _ = sd_notify::notify(&[NotifyState::Status(&line)]);

@@ -46,8 +46,8 @@ pub(super) fn print_status(r: &StatusReport) {
         c.consumed
     );
     match r.oldest_delivering_age_ms {
-        Some(age) => out!("oldest undelivered: {} old", format_age(age)),
-        None => out!("oldest undelivered: none waiting"),
+        Some(age) => out!("oldest delivering: {} old", format_age(age)),
+        None => out!("oldest delivering: none"),
     }
     match &r.broker {
         Some(b) if b.connected => out!(
