@@ -257,6 +257,16 @@ fn send(agent: &Agent, messages: Vec<Message>) {
     }
 }
 
+/// Sets its flag when dropped: a thread stopped by the flag ends even when
+/// the test panics inside `std::thread::scope` (which waits for it).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Submits good messages one at a time, about 100 a second, until `stop`;
 /// counts them in `submitted`; returns their ids.
 fn good_stream(
@@ -421,6 +431,7 @@ fn poison_corpus_never_stops_the_good_ones() {
     let stop = AtomicBool::new(false);
     let start = Instant::now();
     let good = std::thread::scope(|s| {
+        let stopper = StopOnDrop(&stop);
         let stream = s.spawn(|| good_stream(&agent, &world, "good", &submitted, &stop));
         wait_until("100 good messages submitted", bound(100), || {
             submitted.load(Ordering::SeqCst) >= 100
@@ -440,7 +451,7 @@ fn poison_corpus_never_stops_the_good_ones() {
         wait_until("100 more good messages submitted", bound(100), || {
             submitted.load(Ordering::SeqCst) >= after
         });
-        stop.store(true, Ordering::SeqCst);
+        drop(stopper);
         stream.join().expect("the good stream")
     });
     let last_submit = Instant::now();
@@ -620,11 +631,15 @@ fn outage_run(run: usize) -> Result<Duration, String> {
         let consumed = agent.count_status(Status::Consumed);
         let failed = agent.count_status(Status::Failed);
         if failed > 0 {
-            let example = ids
-                .iter()
-                .find_map(|id| agent.row(id).filter(|r| r.status == Status::Failed));
+            let example = ids.iter().find_map(|id| {
+                agent
+                    .row(id)
+                    .filter(|r| r.status == Status::Failed)
+                    .map(|r| format!("{id}: try_count {}, {:?}", r.try_count, r.last_error))
+            });
             return Err(format!(
-                "{failed} of {MESSAGES} failed ({consumed} consumed), e.g. {example:?}"
+                "{failed} of {MESSAGES} failed ({consumed} consumed), e.g. {}",
+                example.unwrap_or_default()
             ));
         }
         if consumed == MESSAGES as i64 {
