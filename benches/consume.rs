@@ -168,7 +168,7 @@ fn agent_consumer(
             .and_then(|r: &rusqlite::Connection| {
                 r.query_row(
                     "SELECT COUNT(*) FROM msg_log WHERE status = ?1",
-                    [Status::Consumed as i64],
+                    [Status::Consumed],
                     |r| r.get(0),
                 )
                 .ok()

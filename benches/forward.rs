@@ -83,7 +83,7 @@ fn agent_drain(url: &str, queue: &str, messages: usize) -> f64 {
         let delivered: i64 = reader
             .query_row(
                 "SELECT COUNT(*) FROM msg_log WHERE status = ?1",
-                [Status::Delivered as i64],
+                [Status::Delivered],
                 |r| r.get(0),
             )
             .unwrap_or(0);

@@ -89,7 +89,7 @@ fn raw_inserts(path: &Path, rows: usize, per_tx: usize, payload: &str) -> f64 {
                         now,
                         None::<String>,
                         "text/plain; charset=utf-8",
-                        Status::Delivering as i64
+                        Status::Delivering
                     ])
                     .expect("insert");
                 assert_eq!(inserted, 1);

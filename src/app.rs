@@ -36,10 +36,10 @@ use crate::store::{Store, StoreError};
 use crate::submit::{StatusSource, SubmitError, SubmitServer, SubmitSocket};
 
 /// How long tasks get to finish after shutdown begins.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
-pub enum AppError {
+pub(crate) enum AppError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -59,7 +59,7 @@ pub enum AppError {
 type TaskResult = (&'static str, Result<(), String>);
 
 /// Runs the agent until SIGTERM/SIGINT or a task failure.
-pub async fn run(config: Config) -> Result<(), AppError> {
+pub(crate) async fn run(config: Config) -> Result<(), AppError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
@@ -128,8 +128,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         spawn(&mut tasks, "metrics", server.run(shutdown.clone()));
     }
     let (forwarder_prober, forwarder_probes) = Prober::new("publish");
+    // The forwarder declares the agent's own consumer topology before it
+    // publishes, so nothing goes to an exchange the agent itself creates
+    // before that exchange exists (docs/forwarding.md, Connection).
+    let own_topology = config
+        .consumer
+        .queue
+        .clone()
+        .map(|queue| (queue, config.consumer.clone()));
     let (forwarder, passes) = Forwarder::new(
         config.publish.clone(),
+        own_topology,
         publish_connector,
         store.clone(),
         broker.clone(),
@@ -255,7 +264,7 @@ fn task_failure(ended: Result<TaskResult, tokio::task::JoinError>) -> Option<App
 
 /// Sets up `tracing` for the agent: `RUST_LOG` wins over `log.level`; plain
 /// lines without timestamps under journald (it stamps them), JSON on request.
-pub fn init_logging(config: &crate::config::LogConfig) {
+pub(crate) fn init_logging(config: &crate::config::LogConfig) {
     use tracing_subscriber::EnvFilter;
     // lapin reports every returned message and channel close on its own;
     // the forwarder logs them once, with the message id.

@@ -2,35 +2,60 @@
 //!
 //! Local programs hand messages to the agent over a Unix socket; the agent
 //! commits each one to the SQLite table `msg_log` before it answers, then
-//! forwards the table to RabbitMQ. The contract (names, protocol, schema,
-//! statuses, configuration, CLI) is `SPEC.md`; this crate is its one
-//! implementation.
+//! forwards the table to RabbitMQ with publisher confirms, and (optionally)
+//! consumes a queue idempotently. The contract (protocol, schema and
+//! statuses, forwarding and consumer semantics, configuration, CLI) is the
+//! repository's `docs/`; the design decisions are `docs/decisions/`.
 //!
-//! Layout, one module per concept:
-//! - [`config`]: the typed, validated configuration (file, environment, defaults);
-//! - [`store`]: `msg_log`: all SQL, the group-commit writer, the reader pool;
-//! - [`protocol`]: the socket protocol's requests and answers, shared by `submit` and `cli`;
-//! - [`submit`]: the Unix-socket protocol server;
-//! - [`broker`]: reaching RabbitMQ: targets, backoff, the reconnect driver, the header codec;
-//! - [`metrics`]: Prometheus counters and gauges, served at `/metrics`;
-//! - [`forward`]: the forwarder to RabbitMQ: link, confirms, outcomes, the backlog walk, the periodic pass;
-//! - [`consume`]: the idempotent manual-ack consumer and its handlers;
-//! - [`purge`]: the daily and on-demand deletion of old settled rows;
-//! - [`service`]: systemd notifications: READY, STOPPING, a progress-checked watchdog;
-//! - [`status`]: the status report shared by the socket and the CLI;
-//! - [`app`]: the only module that wires components together and supervises them;
-//! - [`cli`]: the command line.
+//! # Layout
+//!
+//! One module per concept; a folder where a concept has several parts, each
+//! folder's `mod.rs` header being its design document. Only [`app`] wires
+//! components together.
+//!
+//! | module | role |
+//! |---|---|
+//! | `main.rs` | the binary: calls [`cli::main`] |
+//! | [`cli`] | the command line: arguments, commands, output, exit codes |
+//! | [`config`] | the typed configuration: file, `EDGE_OUTBOX_*` overrides, validation |
+//! | [`app`] | wiring and supervision: start every task, stop them in order |
+//! | [`protocol`] | the socket protocol's requests and answers, shared by `submit` and `cli` |
+//! | [`submit`] | the Unix-socket server: accept loop, connections, parsing, line reader |
+//! | [`store`] | `msg_log`: open and migrations, group-commit writer, write SQL, readers, admin |
+//! | [`broker`] | reaching RabbitMQ: targets, the shared reconnect driver, the header codec |
+//! | [`forward`] | the forwarder: the in-flight ledger, backlog walk, publishing, outcomes, isolation |
+//! | [`consume`] | the consumer: topology, the decision on a delivery, handlers |
+//! | [`purge`] | the daily and on-demand deletion of old settled rows |
+//! | [`service`] | systemd: READY, STOPPING, STATUS, the progress-checked watchdog |
+//! | [`status`] | the status report shared by the socket, the CLI and metrics |
+//! | [`metrics`] | Prometheus counters and gauges at `/metrics` |
+//! | [`digest`] | one log line per key and period for repeated events |
+//!
+//! One message, from socket to consumed: `submit::connection` reads the
+//! line, `submit::parse` turns it into a `store::NewMessage`, the
+//! `store::writer` thread commits it in a group and the connection answers
+//! `ok`; the writer wakes the forwarder, whose `forward::backlog` reads the
+//! row, `forward::ledger` lets it out, `forward::forwarder` publishes it and
+//! `forward::window` awaits the confirm, the store records status 1; `consume::consumer` receives the
+//! delivery, `consume::delivery` runs the handler and commits status 3
+//! through `store::write` before the ack.
+//!
+//! Everything but [`cli::main`] and a few [`store`] items (used by the test
+//! kit) is `pub(crate)`; `unreachable_pub` keeps it so.
 
-pub mod app;
-pub mod broker;
+#![warn(unreachable_pub)]
+
+pub(crate) mod app;
+pub(crate) mod broker;
 pub mod cli;
-pub mod config;
-pub mod consume;
-pub mod forward;
-pub mod metrics;
+pub(crate) mod config;
+pub(crate) mod consume;
+pub(crate) mod digest;
+pub(crate) mod forward;
+pub(crate) mod metrics;
 pub(crate) mod protocol;
-pub mod purge;
-pub mod service;
-pub mod status;
+pub(crate) mod purge;
+pub(crate) mod service;
+pub(crate) mod status;
 pub mod store;
-pub mod submit;
+pub(crate) mod submit;

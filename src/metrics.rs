@@ -4,7 +4,7 @@
 //! `Arc<Metrics>` and bump counters as events happen (submits, publishes,
 //! confirms, returns, nacks, timeouts, reconnects, deliveries, duplicates,
 //! handler failures, confirm latency); what the database knows (rows by
-//! status, backlog, oldest undelivered age, database size, free disk) is read
+//! status, delivering, oldest delivering age, database size, free disk) is read
 //! at scrape time, so it is never stale.
 //!
 //! Invariant: metrics never hold up the work: counters are atomics, and the
@@ -28,7 +28,7 @@ use crate::status::StatusReport;
 use crate::store::Reader;
 
 #[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
+pub(crate) enum MetricsError {
     #[error("cannot listen on metrics.listen {addr}: {source}")]
     Bind {
         addr: String,
@@ -37,7 +37,7 @@ pub enum MetricsError {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
+pub(crate) struct ReasonLabel {
     pub reason: String,
 }
 
@@ -47,7 +47,7 @@ struct StatusLabel {
 }
 
 /// Every metric of the agent.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub submits_accepted: Counter,
     pub submits_duplicate: Counter,
@@ -66,8 +66,8 @@ pub struct Metrics {
     pub handler_failures: Counter,
     pub dead_lettered: Counter,
     rows: Family<StatusLabel, Gauge>,
-    backlog: Gauge,
-    oldest_pending_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    delivering: Gauge,
+    oldest_delivering_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     db_size: Gauge,
     free_disk: Gauge,
     in_flight: Gauge,
@@ -81,7 +81,10 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    // One flat list of registrations, longer than a function should be:
+    // it is the catalogue of every metric (name, help, kind) in one place,
+    // matching docs/operations.md, Metrics; splitting it would scatter it.
+    pub(crate) fn new() -> Metrics {
         let mut registry = Registry::with_prefix("edge_outbox");
         let m = Metrics {
             submits_accepted: Counter::default(),
@@ -103,8 +106,8 @@ impl Metrics {
             handler_failures: Counter::default(),
             dead_lettered: Counter::default(),
             rows: Family::default(),
-            backlog: Gauge::default(),
-            oldest_pending_age: Gauge::default(),
+            delivering: Gauge::default(),
+            oldest_delivering_age: Gauge::default(),
             db_size: Gauge::default(),
             free_disk: Gauge::default(),
             in_flight: Gauge::default(),
@@ -190,14 +193,14 @@ impl Metrics {
         );
         r.register("rows", "Rows in msg_log by status", m.rows.clone());
         r.register(
-            "backlog",
-            "Messages not yet delivered (status 0)",
-            m.backlog.clone(),
+            "delivering",
+            "Messages waiting to be forwarded (status 0, delivering)",
+            m.delivering.clone(),
         );
         r.register(
-            "oldest_undelivered_age_seconds",
-            "Age of the oldest status-0 message",
-            m.oldest_pending_age.clone(),
+            "oldest_delivering_age_seconds",
+            "Age of the oldest delivering message (status 0)",
+            m.oldest_delivering_age.clone(),
         );
         r.register(
             "database_size_bytes",
@@ -222,7 +225,7 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn refused(&self, reason: &str) {
+    pub(crate) fn refused(&self, reason: &str) {
         self.submits_refused
             .get_or_create(&ReasonLabel {
                 reason: reason.to_string(),
@@ -245,9 +248,9 @@ impl Metrics {
                 })
                 .set(n as i64);
         }
-        self.backlog.set(c.delivering as i64);
-        self.oldest_pending_age
-            .set(report.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0);
+        self.delivering.set(c.delivering as i64);
+        self.oldest_delivering_age
+            .set(report.oldest_delivering_age_ms.unwrap_or(0) as f64 / 1000.0);
         self.db_size.set(report.db_size_bytes as i64);
         self.free_disk
             .set(report.free_disk_bytes.unwrap_or(0) as i64);
@@ -258,7 +261,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
@@ -267,17 +270,17 @@ impl Metrics {
 }
 
 /// Produces the status report at scrape time (given by the wiring).
-pub type ReportSource = Arc<dyn Fn() -> Option<StatusReport> + Send + Sync>;
+pub(crate) type ReportSource = Arc<dyn Fn() -> Option<StatusReport> + Send + Sync>;
 
 /// The `/metrics` endpoint.
-pub struct MetricsServer {
+pub(crate) struct MetricsServer {
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     report: ReportSource,
 }
 
 impl MetricsServer {
-    pub async fn bind(
+    pub(crate) async fn bind(
         addr: SocketAddr,
         metrics: Arc<Metrics>,
         report: ReportSource,
@@ -296,11 +299,7 @@ impl MetricsServer {
         })
     }
 
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
-    }
-
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), MetricsError> {
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), MetricsError> {
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -368,7 +367,7 @@ async fn respond(
 }
 
 /// A report source reading `reader` (and the forwarder's state).
-pub fn report_source(reader: Reader, broker: crate::status::BrokerState) -> ReportSource {
+pub(crate) fn report_source(reader: Reader, broker: crate::status::BrokerState) -> ReportSource {
     Arc::new(move || StatusReport::collect(&reader, Some(&broker)).ok())
 }
 

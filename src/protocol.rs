@@ -5,9 +5,10 @@
 //! one JSON object per line back, in the same order (pipelining is allowed).
 //! - A request has an `op`: `"submit"` (the default when `op` is absent) or
 //!   `"status"`. A submit carries `exchange`, `routing_key` (both required,
-//!   may be `""`), optionally `id`, `content_type`, `headers` (scalar
-//!   values), and exactly one of `payload` (any JSON value; a string is sent
-//!   as text, anything else as JSON) or `payload_base64` (raw bytes).
+//!   may be `""`), optionally `id`, `content_type`, `headers` (strings,
+//!   booleans, numbers and arrays of them), and exactly one of `payload` (any
+//!   JSON value; a string is sent as its text, anything else as the JSON
+//!   text exactly as the client wrote it) or `payload_base64` (raw bytes).
 //! - The answer to a stored submit is `{"ok":true,"id":…}`, plus
 //!   `"duplicate":true` when the id was already stored; the answer to a status
 //!   request is `"ok":true` with the fields of the status report.
@@ -15,23 +16,39 @@
 //!   nothing; the codes are [`ErrorCode`] (docs/protocol.md, "Error codes").
 //!
 //! Owns: the types of both directions, the wire names of the error codes,
-//! the default content types, the 255-byte name limit, and every encoding
-//! of an answer. Reading a request line (validation, with a reason per
-//! fault) is the server's job, in `submit::parse`.
+//! the default content types, the 255-byte name limit and the size limit of
+//! the headers, and every encoding of an answer. Reading a request line
+//! (validation, with a reason per fault) is the server's job, in
+//! `submit::parse`; what a header value may be is the header codec's
+//! (`broker::headers`).
 //!
-//! Invariant: the bytes of an answer are what the agent has always written;
-//! the unit tests below pin them.
+//! Invariants:
+//! - The bytes of an answer are what the agent has always written; the unit
+//!   tests below pin them.
+//! - A request carries `payload` and the values of `headers` as JSON text
+//!   ([`RawValue`]), never as a parsed value: no number is rounded, no key
+//!   reordered or dropped on the way from the client's bytes to the row
+//!   (docs/decisions/0022-payload-is-the-json-text-as-sent.md).
 
 use serde::de::{self, DeserializeOwned};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::status::StatusReport;
 
-/// AMQP short strings (exchange, routing key, message id, header names)
-/// hold 255 bytes; a longer one could be stored but never published.
+/// AMQP short strings (exchange, routing key, message id, content type,
+/// header names) hold 255 bytes; a longer one could be stored but never
+/// published.
 pub(crate) const MAX_NAME_LEN: usize = 255;
+
+/// Most bytes the headers may take as an AMQP field table. The message
+/// properties travel in one frame, and RabbitMQ ends the whole connection
+/// (501 FRAME_ERROR) on a frame over its `frame_max` (128 KiB by default):
+/// half of that leaves room for the other properties and a broker that
+/// lowers `frame_max` (docs/protocol.md, "Headers").
+pub(crate) const MAX_HEADERS_LEN: usize = 64 * 1024;
 
 /// Default content type of a payload that is JSON but not a string.
 pub(crate) const CONTENT_TYPE_JSON: &str = "application/json";
@@ -51,7 +68,7 @@ pub(crate) fn base64_engine() -> base64::engine::GeneralPurpose {
 }
 
 /// One request line.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Request {
     Submit(SubmitRequest),
     Status,
@@ -60,15 +77,16 @@ pub(crate) enum Request {
 /// A submit request as it travels, before the server decodes its payload.
 ///
 /// Fields in alphabetical order: the CLI has always sent them so.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub(crate) struct SubmitRequest {
     /// Overrides the type derived from the payload's kind.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) content_type: Option<String>,
     pub(crate) exchange: String,
-    /// AMQP headers; values are strings, numbers or booleans.
+    /// AMQP headers: a JSON object as text. Once `submit::parse` has read
+    /// the request, its validated form, the text `msg_log.headers` stores.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) headers: Option<Map<String, Value>>,
+    pub(crate) headers: Option<Box<RawValue>>,
     /// The client's own id: the same id submitted twice is stored once.
     /// Absent, the agent makes one up (a UUIDv7).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -79,12 +97,13 @@ pub(crate) struct SubmitRequest {
 }
 
 /// The body of a submit, as one of the two fields that may carry it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub(crate) enum Payload {
-    /// `payload`: a JSON string is sent as its UTF-8 text, any other value
-    /// as its JSON text.
+    /// `payload`, the value's JSON text as the client wrote it (surrounding
+    /// whitespace aside): a JSON string is sent as the UTF-8 text it
+    /// encodes, any other value as this text, byte for byte.
     #[serde(rename = "payload")]
-    Json(Value),
+    Json(Box<RawValue>),
     /// `payload_base64`: bytes that need not be text.
     #[serde(rename = "payload_base64")]
     Base64(String),
@@ -395,6 +414,21 @@ mod tests {
         assert_eq!(
             text(submit.to_line().unwrap()),
             "{\"exchange\":\"e\",\"id\":\"c1\",\"payload_base64\":\"AA==\",\"routing_key\":\"k\"}\n"
+        );
+        // A JSON payload and the headers go out as their text, unparsed.
+        let raw = |json: &str| RawValue::from_string(json.to_string()).unwrap();
+        let submit = Request::Submit(SubmitRequest {
+            content_type: None,
+            exchange: "e".into(),
+            headers: Some(raw(r#"{"n":98765432109876543210}"#)),
+            id: None,
+            payload: Payload::Json(raw("{ \"a\" :1e-400,\"a\":[ 1 ]}")),
+            routing_key: "k".into(),
+        });
+        assert_eq!(
+            text(submit.to_line().unwrap()),
+            "{\"exchange\":\"e\",\"headers\":{\"n\":98765432109876543210},\
+             \"payload\":{ \"a\" :1e-400,\"a\":[ 1 ]},\"routing_key\":\"k\"}\n"
         );
     }
 }

@@ -1,5 +1,5 @@
 //! Purge: deletes old settled rows so the database stays small
-//! (`SPEC.md`, "Purge").
+//! (docs/purge.md).
 //!
 //! Role: daily at `purge.at` (local time), and on demand (`edge-outbox
 //! purge`), delete rows created more than `purge.retention` ago whose status
@@ -26,21 +26,21 @@ use crate::store::{now_ms, Admin, PurgeCutoffs, Reader, StatusCounts, Store, Sto
 const BATCH_PAUSE: Duration = Duration::from_millis(5);
 
 #[derive(Debug, thiserror::Error)]
-pub enum PurgeError {
+pub(crate) enum PurgeError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 /// What one purge did (or, dry, would do).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PurgeReport {
+pub(crate) struct PurgeReport {
     /// Rows deleted (or, dry, deletable) per status.
     pub deleted: StatusCounts,
     pub batches: u64,
 }
 
 /// The cutoffs for a purge at `now` (epoch ms).
-pub fn cutoffs(config: &PurgeConfig, now: i64) -> PurgeCutoffs {
+pub(crate) fn cutoffs(config: &PurgeConfig, now: i64) -> PurgeCutoffs {
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     PurgeCutoffs {
         settled_before: now.saturating_sub(ms(config.retention)),
@@ -50,18 +50,18 @@ pub fn cutoffs(config: &PurgeConfig, now: i64) -> PurgeCutoffs {
 
 /// The purge job of the running agent: its deletes go through the store's
 /// writer, one batch per transaction.
-pub struct Purge {
+pub(crate) struct Purge {
     config: PurgeConfig,
     store: Store,
 }
 
 impl Purge {
-    pub fn new(config: PurgeConfig, store: Store) -> Self {
+    pub(crate) fn new(config: PurgeConfig, store: Store) -> Self {
         Purge { config, store }
     }
 
     /// One whole purge, batch after batch.
-    pub async fn run_once(&self) -> Result<PurgeReport, PurgeError> {
+    pub(crate) async fn run_once(&self) -> Result<PurgeReport, PurgeError> {
         let cutoffs = cutoffs(&self.config, now_ms());
         let mut report = PurgeReport::default();
         loop {
@@ -78,7 +78,7 @@ impl Purge {
     }
 
     /// Purges daily at `purge.at`, local time, until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), PurgeError> {
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), PurgeError> {
         loop {
             let wait = until_next(self.config.at, Local::now());
             tokio::select! {
@@ -101,7 +101,7 @@ impl Purge {
 
 /// Time from `now` to the next `at` (local). A time that does not
 /// exist today (a DST gap) falls back to the next hour.
-pub fn until_next<Tz: TimeZone>(at: TimeOfDay, now: DateTime<Tz>) -> Duration {
+pub(crate) fn until_next<Tz: TimeZone>(at: TimeOfDay, now: DateTime<Tz>) -> Duration {
     let time = at.time();
     let tz = now.timezone();
     let mut day = now.date_naive();
@@ -123,7 +123,7 @@ pub fn until_next<Tz: TimeZone>(at: TimeOfDay, now: DateTime<Tz>) -> Duration {
 
 /// The CLI's purge, on its own connection (the agent may be running).
 /// `dry_run` only counts.
-pub fn purge_database(
+pub(crate) fn purge_database(
     path: &std::path::Path,
     config: &PurgeConfig,
     dry_run: bool,

@@ -17,17 +17,17 @@ use tokio_util::sync::CancellationToken;
 use crate::store::Store;
 
 /// The receiving end of liveness probes: a loop answers each one it sees.
-pub type ProbeRx = mpsc::Receiver<oneshot::Sender<()>>;
+pub(crate) type ProbeRx = mpsc::Receiver<oneshot::Sender<()>>;
 
 /// Sends probes to one loop.
 #[derive(Clone)]
-pub struct Prober {
+pub(crate) struct Prober {
     name: &'static str,
     tx: mpsc::Sender<oneshot::Sender<()>>,
 }
 
 impl Prober {
-    pub fn new(name: &'static str) -> (Prober, ProbeRx) {
+    pub(crate) fn new(name: &'static str) -> (Prober, ProbeRx) {
         let (tx, rx) = mpsc::channel(1);
         (Prober { name, tx }, rx)
     }
@@ -40,37 +40,37 @@ impl Prober {
 }
 
 /// Answers a probe taken from a [`ProbeRx`] in a loop's `select!`.
-pub fn answer(probe: Option<oneshot::Sender<()>>) {
+pub(crate) fn answer(probe: Option<oneshot::Sender<()>>) {
     if let Some(reply) = probe {
         let _ = reply.send(());
     }
 }
 
-pub fn ready() {
+pub(crate) fn ready() {
     let _ = sd_notify::notify(&[NotifyState::Ready]);
 }
 
-pub fn stopping() {
+pub(crate) fn stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
 }
 
 /// The watchdog interval systemd asked for, if any.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()
 }
 
 /// Pings the watchdog every half interval, after every probe answered.
-pub struct Watchdog {
+pub(crate) struct Watchdog {
     interval: Duration,
     store: Store,
     probers: Vec<Prober>,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ServiceError {}
+pub(crate) enum ServiceError {}
 
 impl Watchdog {
-    pub fn new(interval: Duration, store: Store, probers: Vec<Prober>) -> Self {
+    pub(crate) fn new(interval: Duration, store: Store, probers: Vec<Prober>) -> Self {
         Watchdog {
             interval,
             store,
@@ -79,7 +79,7 @@ impl Watchdog {
     }
 
     /// One round: probes every loop; true when all answered in time.
-    pub async fn run_once(&self) -> bool {
+    pub(crate) async fn run_once(&self) -> bool {
         let deadline = self.interval / 2;
         let store = tokio::time::timeout(deadline, self.store.probe()).await;
         if !matches!(store, Ok(Ok(()))) {
@@ -101,7 +101,7 @@ impl Watchdog {
         true
     }
 
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServiceError> {
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), ServiceError> {
         let mut ticks = tokio::time::interval(self.interval / 2);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -124,18 +124,18 @@ impl Watchdog {
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 
 /// Keeps `systemctl status` showing the backlog and the broker state.
-pub struct StatusNotifier {
+pub(crate) struct StatusNotifier {
     report: crate::metrics::ReportSource,
 }
 
 impl StatusNotifier {
     /// `None` when not under systemd (no `NOTIFY_SOCKET`).
-    pub fn new(report: crate::metrics::ReportSource) -> Option<Self> {
+    pub(crate) fn new(report: crate::metrics::ReportSource) -> Option<Self> {
         std::env::var_os("NOTIFY_SOCKET").map(|_| StatusNotifier { report })
     }
 
     /// One `STATUS=` line from a fresh report.
-    pub async fn run_once(&self) {
+    pub(crate) async fn run_once(&self) {
         let report = self.report.clone();
         let Ok(Some(r)) = tokio::task::spawn_blocking(move || report()).await else {
             return;
@@ -155,7 +155,7 @@ impl StatusNotifier {
         let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
     }
 
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServiceError> {
+    pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), ServiceError> {
         let mut ticks = tokio::time::interval(STATUS_EVERY);
         loop {
             tokio::select! {

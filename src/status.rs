@@ -16,7 +16,7 @@ use crate::store::{self, Reader, StatusCounts, StoreError};
 
 /// The forwarder's connection as last seen.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BrokerStatus {
+pub(crate) struct BrokerStatus {
     pub connected: bool,
     /// The broker's URL without its password.
     pub url: Option<String>,
@@ -33,14 +33,14 @@ pub struct BrokerStatus {
 
 /// Shared, cheap to clone; written by the forwarder, read by status.
 #[derive(Debug, Clone, Default)]
-pub struct BrokerState(Arc<Mutex<BrokerStatus>>);
+pub(crate) struct BrokerState(Arc<Mutex<BrokerStatus>>);
 
 impl BrokerState {
-    pub fn get(&self) -> BrokerStatus {
+    pub(crate) fn get(&self) -> BrokerStatus {
         self.0.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    pub fn update(&self, change: impl FnOnce(&mut BrokerStatus)) {
+    pub(crate) fn update(&self, change: impl FnOnce(&mut BrokerStatus)) {
         if let Ok(mut s) = self.0.lock() {
             change(&mut s);
         }
@@ -49,13 +49,13 @@ impl BrokerState {
 
 /// The answer of `status --json` and `{"op":"status"}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StatusReport {
+pub(crate) struct StatusReport {
     /// "agent" when a running agent answered, "database" when read from the file.
     pub source: String,
     pub version: String,
     pub counts: StatusCounts,
-    /// Age in ms of the oldest message not yet delivered.
-    pub oldest_pending_age_ms: Option<i64>,
+    /// Age in ms of the oldest delivering message (status 0).
+    pub oldest_delivering_age_ms: Option<i64>,
     /// Present when the agent answered.
     pub broker: Option<BrokerStatus>,
     pub db_path: String,
@@ -65,9 +65,12 @@ pub struct StatusReport {
 
 impl StatusReport {
     /// Reads the database's part of the report; `broker` is the agent's part.
-    pub fn collect(reader: &Reader, broker: Option<&BrokerState>) -> Result<Self, StoreError> {
+    pub(crate) fn collect(
+        reader: &Reader,
+        broker: Option<&BrokerState>,
+    ) -> Result<Self, StoreError> {
         let counts = reader.counts()?;
-        let oldest = reader.oldest_pending()?;
+        let oldest = reader.oldest_delivering()?;
         Ok(StatusReport {
             source: if broker.is_some() {
                 "agent"
@@ -77,7 +80,7 @@ impl StatusReport {
             .into(),
             version: env!("CARGO_PKG_VERSION").into(),
             counts,
-            oldest_pending_age_ms: oldest.map(|t| (store::now_ms() - t).max(0)),
+            oldest_delivering_age_ms: oldest.map(|t| (store::now_ms() - t).max(0)),
             broker: broker.map(BrokerState::get),
             db_path: reader.path().display().to_string(),
             db_size_bytes: reader.db_size(),

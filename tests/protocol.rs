@@ -1,8 +1,9 @@
 //! The socket protocol and the command line, end to end (docs/protocol.md,
 //! docs/cli.md): requests and their answers, refusals that leave the
 //! connection usable, pipelining and concurrent clients, client-chosen ids,
-//! binary bodies, the socket file's life, and the CLI's commands and exit
-//! codes.
+//! binary bodies, JSON payloads that reach the broker byte for byte, what
+//! the broker would refuse refused at submit, the socket file's life, and
+//! the CLI's commands and exit codes.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -13,10 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
+use lapin::types::AMQPValue;
 use serde_json::{json, Value};
 
 use edge_outbox_testkit::cli::run_bin;
-use edge_outbox_testkit::{ok_id, refused, Agent, CliOutput, Status};
+use edge_outbox_testkit::{amqp, broker};
+use edge_outbox_testkit::{ok_id, refused, rt, Agent, Cleanup, CliOutput, Status};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_edge-outbox");
@@ -177,6 +180,301 @@ fn binary_payload_round_trips_byte_exact() {
     assert_eq!(text, r#"{"a":[1,2],"b":null}"#);
 }
 
+// ------------------------------------------------- byte-exact JSON payloads
+
+/// How long a test waits for the agent to forward what it was given.
+const DRAIN: Duration = Duration::from_secs(120);
+
+/// JSON payloads a parse-and-serialise round trip would rewrite: integers
+/// beyond `f64`, a number that underflows, duplicate keys, whitespace inside
+/// the value (no `\n`: it ends a request line), escapes, `-0.0`.
+const EXACT_PAYLOADS: [&str; 8] = [
+    r#"{"order":98765432109876543210}"#,
+    "123456789012345678901234567890",
+    r#"{"amount":123456789012345678901234567890.000000000000000000001}"#,
+    "1e-400",
+    "-1E+400",
+    r#"{"b":1,"a":2,"b":3}"#,
+    "{ \"a\" :\t[ 1 ,\r 2.50 ,  0.1e1 ]\t,\"c\":{}}",
+    r#"{"s":"\u00e9\ud83d\ude00\/\"","n":-0.0}"#,
+];
+
+#[test]
+fn json_payloads_reach_the_queue_byte_identical() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(amqp::unique("exact-q"));
+    rt.block_on(amqp::declare_queue(&url, &queue));
+    let agent = Agent::builder(BIN).forwarding_to(&url).start();
+
+    // (id, the body the queue must hold)
+    let mut sent: Vec<(String, String)> = Vec::new();
+    // On the socket, with spaces around the value.
+    let mut c = agent.client();
+    for (i, payload) in EXACT_PAYLOADS.iter().enumerate() {
+        let id = format!("socket-{i}");
+        c.send_line(&format!(
+            r#"{{"exchange":"","routing_key":{},"id":"{id}","payload": {payload} }}"#,
+            json!(queue)
+        ));
+        assert_eq!(ok_id(&c.answer()), id);
+        sent.push((id, payload.to_string()));
+    }
+    // `submit --json`, the payload as an argument and on stdin (the
+    // whitespace around it is not part of the value).
+    let submit = [
+        "submit",
+        "--exchange",
+        "",
+        "--routing-key",
+        &queue,
+        "--json",
+    ];
+    for (i, payload) in EXACT_PAYLOADS.iter().enumerate() {
+        let id = format!("cli-arg-{i}");
+        let out = agent.cli(&[&submit[..], &["--id", &id, "--", payload]].concat());
+        assert_eq!((out.code, out.stdout.trim()), (0, id.as_str()), "{out:?}");
+        sent.push((id, payload.to_string()));
+        let id = format!("cli-stdin-{i}");
+        let stdin = format!(" \t{payload}\n");
+        let out = agent.cli_stdin(
+            &[&submit[..], &["--id", &id, "-"]].concat(),
+            stdin.as_bytes(),
+        );
+        assert_eq!((out.code, out.stdout.trim()), (0, id.as_str()), "{out:?}");
+        sent.push((id, payload.to_string()));
+    }
+    // `submit --bulk`: the exchange and routing key filled in by the CLI.
+    let bulk: String = EXACT_PAYLOADS
+        .iter()
+        .enumerate()
+        .map(|(i, payload)| format!("{{\"id\":\"bulk-{i}\", \"payload\":{payload}}}\n"))
+        .collect();
+    let out = agent.cli_stdin(
+        &[
+            "submit",
+            "--bulk",
+            "--exchange",
+            "",
+            "--routing-key",
+            &queue,
+        ],
+        bulk.as_bytes(),
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    for (i, payload) in EXACT_PAYLOADS.iter().enumerate() {
+        sent.push((format!("bulk-{i}"), payload.to_string()));
+    }
+
+    agent.wait_all_delivered(sent.len() as i64, DRAIN);
+    let received = rt.block_on(amqp::received(&url, &queue));
+    assert_eq!(received.len(), sent.len());
+    for (id, body) in &sent {
+        let row = agent.row(id).unwrap_or_else(|| panic!("no row {id}"));
+        assert_eq!(String::from_utf8_lossy(&row.body), *body, "stored {id}");
+        let m = received
+            .iter()
+            .find(|m| m.message_id == *id)
+            .unwrap_or_else(|| panic!("{id} never reached {queue}"));
+        assert_eq!(String::from_utf8_lossy(&m.body), *body, "published {id}");
+        assert_eq!(m.content_type.as_deref(), Some("application/json"), "{id}");
+    }
+}
+
+// ------------------------------------- what the broker would refuse, refused
+
+#[test]
+fn what_the_broker_would_refuse_is_refused_at_submit_naming_the_field() {
+    let agent = Agent::start(BIN);
+    let mut c = agent.client();
+    let long = "x".repeat(256);
+    // One header "pad" whose table is a byte over the limit (64 KiB).
+    let pad = "v".repeat(64 * 1024 - 13 + 1);
+    let submit =
+        |members: &str| format!(r#"{{"exchange":"ex","routing_key":"rk","payload":1,{members}}}"#);
+    let cases = [
+        (
+            submit(r#""headers":{"CC":"q"}"#),
+            "headers.CC: must be an array of strings",
+        ),
+        (
+            submit(r#""headers":{"BCC":7}"#),
+            "headers.BCC: must be an array of strings",
+        ),
+        (
+            submit(r#""headers":{"CC":["q",["r"]]}"#),
+            "headers.CC[1]: an array inside an array",
+        ),
+        (
+            submit(r#""headers":{"BCC":["q",1]}"#),
+            "headers.BCC[1]: must be a string",
+        ),
+        (
+            submit(&format!(r#""headers":{{"CC":["{long}"]}}"#)),
+            "headers.CC[0]: 256 bytes",
+        ),
+        (submit(r#""headers":{"x":null}"#), "headers.x: null"),
+        (submit(r#""headers":{"x":{"y":1}}"#), "headers.x: an object"),
+        (
+            submit(r#""headers":{"order":98765432109876543210}"#),
+            "headers.order: 98765432109876543210 does not fit",
+        ),
+        (
+            submit(r#""headers":{"x":9223372036854775808}"#),
+            "headers.x: 9223372036854775808 does not fit",
+        ),
+        (
+            submit(r#""headers":{"x":1e-400}"#),
+            "headers.x: 1e-400 is too small",
+        ),
+        (
+            submit(r#""headers":{"x":1e400}"#),
+            "headers.x: 1e400 is too large",
+        ),
+        (
+            submit(r#""headers":{"x":[1,1e400]}"#),
+            "headers.x[1]: 1e400 is too large",
+        ),
+        (
+            submit(r#""headers":{"x":1,"x":2}"#),
+            "headers.x: the name is given twice",
+        ),
+        (
+            submit(&format!(r#""headers":{{"{long}":1}}"#)),
+            "headers.xxxxxxxx",
+        ),
+        (
+            submit(&format!(r#""headers":{{"pad":"{pad}"}}"#)),
+            "\"headers\" take 65537 bytes",
+        ),
+        (
+            submit(r#""headers":[["a",1]]"#),
+            "\"headers\" must be an object",
+        ),
+        (
+            submit(&format!(r#""content_type":"{long}""#)),
+            "\"content_type\" is 256 bytes",
+        ),
+        (
+            submit(r#""id":"a","id":"b""#),
+            "\"id\" is given more than once",
+        ),
+        (
+            r#"{"exchange":"amq.rabbitmq.trace","routing_key":"rk","payload":1}"#.to_string(),
+            "\"exchange\" \"amq.rabbitmq.trace\": names beginning with \"amq.\" are reserved",
+        ),
+        (
+            r#"{"exchange":"amq.default","routing_key":"rk","payload":1}"#.to_string(),
+            "\"exchange\" \"amq.default\"",
+        ),
+        (
+            r#"{"exchange":"orders\n","routing_key":"rk","payload":1}"#.to_string(),
+            "\"exchange\" holds a CR or LF",
+        ),
+        (
+            format!(r#"{{"exchange":"ex","routing_key":"{long}","payload":1}}"#),
+            "\"routing_key\" is 256 bytes",
+        ),
+    ];
+    for (line, needle) in &cases {
+        c.send_line(line);
+        let message = refused(&c.answer(), "bad_request");
+        assert!(message.starts_with(needle), "{line:.120}: {message}");
+    }
+    assert_eq!(agent.rows(), 0, "a refusal stores nothing");
+    // The same headers done right are stored, in their checked form.
+    let line = submit(
+        r#""id":"fine","headers":{"CC":["q"],"BCC":[],"order":"98765432109876543210","n":-7,"f":1e2,"l":["a",1,true,0.5]}"#,
+    );
+    c.send_line(&line);
+    assert_eq!(ok_id(&c.answer()), "fine");
+    let headers: String = agent
+        .db()
+        .query_row("SELECT headers FROM msg_log WHERE id = 'fine'", [], |r| {
+            r.get(0)
+        })
+        .expect("the row");
+    assert_eq!(
+        headers,
+        r#"{"BCC":[],"CC":["q"],"f":100.0,"l":["a",1,true,0.5],"n":-7,"order":"98765432109876543210"}"#
+    );
+    // The CLI's --header: a number that does not fit is refused, not rounded.
+    let out = agent.cli(&[
+        "submit",
+        "--exchange",
+        "ex",
+        "--routing-key",
+        "rk",
+        "--header",
+        "order=98765432109876543210",
+        "x",
+    ]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("headers.order"), "{out:?}");
+    assert_eq!(agent.rows(), 1);
+}
+
+#[test]
+fn cc_and_bcc_arrays_are_honoured_by_the_broker() {
+    let rt = rt();
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let main = cleanup.queue(amqp::unique("cc-main"));
+    let cc = cleanup.queue(amqp::unique("cc-copy"));
+    let bcc = cleanup.queue(amqp::unique("cc-blind"));
+    rt.block_on(async {
+        for q in [&main, &cc, &bcc] {
+            amqp::declare_queue(&url, q).await;
+        }
+    });
+    let agent = Agent::builder(BIN).forwarding_to(&url).start();
+    // Headers close to the size limit go out in one frame, too.
+    let pad = "p".repeat(60_000);
+    let answer = agent.client().request(&json!({
+        "exchange": "", "routing_key": main, "id": "cc-1", "payload": "hi",
+        "headers": {"CC": [cc], "BCC": [bcc], "list": ["a", 1, true, 0.5], "pad": pad},
+    }));
+    assert_eq!(ok_id(&answer), "cc-1");
+    agent.wait_all_delivered(1, DRAIN);
+
+    let (in_main, in_cc, in_bcc) = rt.block_on(async {
+        (
+            amqp::get_all(&url, &main).await,
+            amqp::get_all(&url, &cc).await,
+            amqp::get_all(&url, &bcc).await,
+        )
+    });
+    for (queue, got) in [(&main, &in_main), (&cc, &in_cc), (&bcc, &in_bcc)] {
+        assert_eq!(got.len(), 1, "{queue}");
+        let p = &got[0].delivery.properties;
+        assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("cc-1"));
+        let headers = p.headers().clone().unwrap_or_default();
+        let headers = headers.inner();
+        // The broker removes BCC from every copy; CC stays, as a field array.
+        assert!(headers.get("BCC").is_none(), "{queue}: {headers:?}");
+        let Some(AMQPValue::FieldArray(routes)) = headers.get("CC") else {
+            panic!("{queue}: CC is {:?}", headers.get("CC"));
+        };
+        assert!(matches!(routes.as_slice(), [AMQPValue::LongString(s)] if s.to_string() == cc));
+        let Some(AMQPValue::FieldArray(list)) = headers.get("list") else {
+            panic!("{queue}: list is {:?}", headers.get("list"));
+        };
+        assert!(
+            matches!(
+                list.as_slice(),
+                [
+                    AMQPValue::LongString(_),
+                    AMQPValue::LongLongInt(1),
+                    AMQPValue::Boolean(true),
+                    AMQPValue::Double(d)
+                ] if *d == 0.5
+            ),
+            "{queue}: {list:?}"
+        );
+    }
+}
+
 // --------------------------------------------- pipelining and concurrency
 
 #[test]
@@ -210,7 +508,7 @@ fn ten_thousand_pipelined_requests_are_answered_in_order() {
         .query_row(
             "SELECT COUNT(*) FROM msg_log WHERE id LIKE 'p-%' AND status = ?1 \
              AND exchange = 'ex' AND routing_key = 'rk'",
-            [Status::Delivering as i64],
+            [Status::Delivering],
             |r| r.get(0),
         )
         .expect("counting the rows");
@@ -386,7 +684,8 @@ fn cli_submit_status_list_show_retry_bulk() {
     let out = agent.cli(&["show", "c-1", "--json"]);
     assert_eq!(out.code, 0, "{out:?}");
     let row = out.json();
-    assert_eq!(row["body"], json!(r#"{"a":1}"#), "{row}");
+    // The JSON text as given, not re-serialised.
+    assert_eq!(row["body"], json!(r#"{"a": 1}"#), "{row}");
     assert_eq!(row["content_type"], json!("application/json"), "{row}");
     assert_eq!(row["status"], json!("delivering"), "{row}");
     let out = agent.cli(&["show", "no-such-id"]);

@@ -18,9 +18,13 @@
 //! never sees a shutdown token.
 //!
 //! Invariants:
-//! - No wait before the first attempt, nor after a link that was up; after
-//!   `n` failures in a row, `backoff(n)` (capped, jittered), or the longer
-//!   wait the setup step asked for ([`SetupError::retry_after`]).
+//! - No wait before the first attempt, nor after a link that stayed up for
+//!   [`STABLE_LINK`]; after `n` failures in a row, `backoff(n)` (capped,
+//!   jittered), or the longer wait the setup step asked for
+//!   ([`SetupError::retry_after`]). A link lost sooner than [`STABLE_LINK`]
+//!   counts as a failure ([`Reconnect::lost`]), so a broker that accepts a
+//!   connection and then drops it (or closes it because of what we sent)
+//!   is never reconnected to in a hot loop.
 //! - [`Reconnect::wait_backoff`] is cancel-safe: the next attempt's time is
 //!   fixed when the failure happens, so a `select!` that polls it again
 //!   and again waits once, not from scratch each time.
@@ -28,9 +32,11 @@
 //!   the [`Connector`]), the setup step by `broker.connect_timeout` again,
 //!   [`close`] by [`CLOSE_WAIT`].
 //! - A connection whose setup failed is closed before the next attempt.
-//! - Every failure is logged once, with the caller's role and the redacted
-//!   URL, and counted in the caller's counter when it gave one
-//!   ([`Reconnect::counting_failures`]).
+//! - Every failure is counted in the caller's counter when it gave one
+//!   ([`Reconnect::counting_failures`]) and logged with the caller's role
+//!   and the redacted URL, at most once per URL per
+//!   [`crate::digest::PERIOD`] (the lines in between are counted into the
+//!   next one), so a week offline is a few thousand lines, not millions.
 
 use std::time::Duration;
 
@@ -39,6 +45,11 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
 use super::{backoff, ConnectFailure, Connector};
+use crate::digest::Digest;
+
+/// A link that lived at least this long was healthy: losing it starts the
+/// backoff over. One lost sooner counts as a failed attempt.
+pub(crate) const STABLE_LINK: Duration = Duration::from_secs(10);
 
 /// How long a clean close may take before the connection is just dropped:
 /// a broker that does not answer must not hold up shutdown or a reconnect.
@@ -89,6 +100,10 @@ pub(crate) struct Reconnect {
     next_attempt: Option<Instant>,
     /// Counts failed attempts in `/metrics`, for the callers that report them.
     failure_counter: Option<Counter>,
+    /// When the current link came up; `None` while down.
+    up_since: Option<Instant>,
+    /// Failure lines per URL, so a long outage logs a line per period.
+    warnings: Digest<String>,
 }
 
 impl Reconnect {
@@ -98,6 +113,8 @@ impl Reconnect {
             failures: 0,
             next_attempt: None,
             failure_counter: None,
+            up_since: None,
+            warnings: Digest::default(),
         }
     }
 
@@ -153,7 +170,7 @@ impl Reconnect {
         .await;
         let (failure, retry_after) = match done {
             Ok(Ok(setup)) => {
-                self.failures = 0;
+                self.up_since = Some(Instant::now());
                 self.next_attempt = None;
                 return Ok(Linked {
                     connection: connected.connection,
@@ -168,6 +185,23 @@ impl Reconnect {
         Err(self.failed(failure, retry_after))
     }
 
+    /// The caller's link is gone. A link that was up for [`STABLE_LINK`]
+    /// reconnects at once with the backoff started over; one lost sooner
+    /// counts as one more failure and waits its backoff.
+    pub(crate) fn lost(&mut self) {
+        let stable = self
+            .up_since
+            .take()
+            .is_some_and(|t| t.elapsed() >= STABLE_LINK);
+        if stable {
+            self.failures = 0;
+            self.next_attempt = None;
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            self.next_attempt = Some(Instant::now() + backoff(self.failures));
+        }
+    }
+
     fn failed(&mut self, failure: ConnectFailure, retry_after: Option<Duration>) -> ConnectFailure {
         self.failures = self.failures.saturating_add(1);
         let wait = retry_after.unwrap_or_else(|| backoff(self.failures));
@@ -175,8 +209,15 @@ impl Reconnect {
         if let Some(counter) = &self.failure_counter {
             counter.inc();
         }
-        tracing::warn!(role = self.connector.role, broker = %failure.url, error = %failure.error,
-            failures = self.failures, "cannot connect to the broker");
+        let now = std::time::Instant::now();
+        for (url, count) in self.warnings.due(now) {
+            tracing::warn!(role = self.connector.role, broker = %url, count,
+                "cannot connect to the broker (attempts since the last line)");
+        }
+        if let Some(count) = self.warnings.note(&failure.url, now) {
+            tracing::warn!(role = self.connector.role, broker = %failure.url, error = %failure.error,
+                failures = self.failures, count, "cannot connect to the broker");
+        }
         failure
     }
 }

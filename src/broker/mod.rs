@@ -42,7 +42,7 @@ pub(crate) const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(250);
 pub(crate) const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
+pub(crate) enum BrokerError {
     #[error("broker.urls[{index}] ({url}): {message}")]
     BadUrl {
         index: usize,
@@ -150,7 +150,7 @@ pub(crate) fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>,
 
 /// Connects to `broker.urls` in turn.
 // `pub` only while `consume::Consumer::new` (pub) takes one.
-pub struct Connector {
+pub(crate) struct Connector {
     targets: Vec<BrokerTarget>,
     next: usize,
     connect_timeout: Duration,

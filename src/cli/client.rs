@@ -7,8 +7,12 @@
 //! Invariants: every wait for the agent is bounded ([`CLIENT_TIMEOUT`]); an
 //! agent that refuses the connection is heard out (its answer is read even
 //! when sending the request failed); bulk mode writes while it reads, so
-//! neither side's buffers can fill up and stall the other.
+//! neither side's buffers can fill up and stall the other. A `--json`
+//! payload, a `--header` number and a bulk line reach the agent as the user
+//! wrote them: nothing is parsed into a value and written back (no number
+//! rounded, no key reordered).
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Read, Write};
 use std::path::Path;
 use std::process::ExitCode;
@@ -16,9 +20,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use base64::Engine;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::value::RawValue;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
@@ -58,12 +62,13 @@ pub(super) fn single_request(
         Some(text) => text.as_bytes().to_vec(),
     };
     let payload = if json {
-        let value: Value =
+        // Its JSON text as given (surrounding whitespace aside), unparsed.
+        let raw: Box<RawValue> =
             serde_json::from_slice(&bytes).context("--json: the payload is not valid JSON")?;
-        Payload::Json(value)
+        Payload::Json(raw)
     } else {
         match String::from_utf8(bytes) {
-            Ok(text) => Payload::Json(Value::String(text)),
+            Ok(text) => Payload::Json(json_string(&text)?),
             Err(e) => {
                 Payload::Base64(base64::engine::general_purpose::STANDARD.encode(e.into_bytes()))
             }
@@ -72,31 +77,45 @@ pub(super) fn single_request(
     Ok(Request::Submit(SubmitRequest {
         content_type,
         exchange: defaults.exchange.clone().unwrap_or_default(),
-        headers: header_map(headers)?,
+        headers: header_object(headers)?,
         id,
         payload,
         routing_key: defaults.routing_key.clone().unwrap_or_default(),
     }))
 }
 
-/// `--header K=V` flags as the request's headers; none is no `headers`.
-fn header_map(headers: &[String]) -> anyhow::Result<Option<Map<String, Value>>> {
+/// `text` as a JSON string.
+fn json_string(text: &str) -> anyhow::Result<Box<RawValue>> {
+    Ok(RawValue::from_string(serde_json::to_string(text)?)?)
+}
+
+/// `--header K=V` flags as the request's headers object; none is no
+/// `headers`. A later flag for the same K wins.
+fn header_object(headers: &[String]) -> anyhow::Result<Option<Box<RawValue>>> {
     if headers.is_empty() {
         return Ok(None);
     }
-    let mut map = Map::new();
+    let mut object = BTreeMap::new();
     for header in headers {
         let (k, v) = header
             .split_once('=')
             .ok_or_else(|| anyhow!("--header {header:?}: expected K=V"))?;
-        // Numbers and booleans keep their type; anything else is a string.
-        let value = match serde_json::from_str::<Value>(v) {
-            Ok(n @ (Value::Number(_) | Value::Bool(_))) => n,
-            _ => Value::String(v.to_string()),
+        // Numbers and booleans keep their type, their text as written (the
+        // agent judges whether the number fits); anything else is a string.
+        let value = match serde_json::from_str::<Box<RawValue>>(v) {
+            Ok(raw) if is_number_or_boolean(raw.get()) => raw,
+            _ => json_string(v)?,
         };
-        map.insert(k.to_string(), value);
+        object.insert(k, value);
     }
-    Ok(Some(map))
+    Ok(Some(RawValue::from_string(serde_json::to_string(
+        &object,
+    )?)?))
+}
+
+/// Whether valid JSON text is a number or a boolean.
+fn is_number_or_boolean(json: &str) -> bool {
+    json == "true" || json == "false" || json.starts_with(|c: char| c == '-' || c.is_ascii_digit())
 }
 
 async fn connect(socket: &Path) -> anyhow::Result<UnixStream> {
@@ -244,21 +263,7 @@ fn send_lines(
         if line.trim().is_empty() {
             continue;
         }
-        // The line passes through as the client wrote it (the agent judges
-        // it), only the defaults filled in.
-        let request = match serde_json::from_str::<Value>(&line) {
-            Ok(Value::Object(mut map)) => {
-                if let Some(e) = &exchange {
-                    map.entry("exchange").or_insert_with(|| json!(e));
-                }
-                if let Some(k) = &routing_key {
-                    map.entry("routing_key").or_insert_with(|| json!(k));
-                }
-                serde_json::to_vec(&map)?
-            }
-            // Let the agent explain what is wrong with the line.
-            _ => line.into_bytes(),
-        };
+        let request = with_defaults(line, exchange.as_deref(), routing_key.as_deref())?;
         batch.extend_from_slice(&request);
         batch.push(b'\n');
         sent += 1;
@@ -272,4 +277,90 @@ fn send_lines(
         write_half.shutdown().await
     })?;
     Ok(sent)
+}
+
+/// A bulk line with `--exchange` and `--routing-key` filled in where it has
+/// no such member; every byte the user wrote passes through unchanged (the
+/// agent judges the line). A line that is not a JSON object goes as it is,
+/// for the agent to explain what is wrong with it.
+fn with_defaults(
+    line: String,
+    exchange: Option<&str>,
+    routing_key: Option<&str>,
+) -> anyhow::Result<Vec<u8>> {
+    let Ok(members) = serde_json::from_str::<HashMap<String, IgnoredAny>>(&line) else {
+        return Ok(line.into_bytes());
+    };
+    let mut missing = String::new();
+    for (name, default) in [("exchange", exchange), ("routing_key", routing_key)] {
+        if let (Some(value), false) = (default, members.contains_key(name)) {
+            missing.push_str(&serde_json::to_string(name)?);
+            missing.push(':');
+            missing.push_str(&serde_json::to_string(value)?);
+            missing.push(',');
+        }
+    }
+    if missing.is_empty() {
+        return Ok(line.into_bytes());
+    }
+    // Inserted right after the opening brace (the parse found one there,
+    // after JSON whitespace only).
+    let brace = line.len() - line.trim_start().len();
+    let rest = &line[brace + 1..];
+    if rest.trim_start().starts_with('}') {
+        missing.pop();
+    }
+    let mut out = Vec::with_capacity(line.len() + missing.len());
+    out.extend_from_slice(&line.as_bytes()[..=brace]);
+    out.extend_from_slice(missing.as_bytes());
+    out.extend_from_slice(rest.as_bytes());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(line: &str, exchange: Option<&str>, routing_key: Option<&str>) -> String {
+        String::from_utf8(with_defaults(line.to_string(), exchange, routing_key).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn bulk_defaults_are_inserted_and_the_rest_kept_byte_for_byte() {
+        let line = r#" {"payload": {"n":98765432109876543210, "n":1e-400}}"#;
+        assert_eq!(
+            filled(line, Some("ex"), Some("rk")),
+            r#" {"exchange":"ex","routing_key":"rk","payload": {"n":98765432109876543210, "n":1e-400}}"#
+        );
+        assert_eq!(
+            filled(r#"{"payload":1,"exchange":null}"#, Some("ex"), Some("rk")),
+            r#"{"routing_key":"rk","payload":1,"exchange":null}"#
+        );
+        assert_eq!(
+            filled("{ }", Some("e\"\n"), None),
+            "{\"exchange\":\"e\\\"\\n\" }"
+        );
+        assert_eq!(filled(r#"{"payload":1}"#, None, None), r#"{"payload":1}"#);
+        assert_eq!(filled("not json", Some("e"), None), "not json");
+        assert_eq!(filled("[1]", Some("e"), None), "[1]");
+    }
+
+    #[test]
+    fn header_flags_keep_their_text() {
+        let flags = [
+            "n=98765432109876543210".to_string(),
+            "f=1.50".to_string(),
+            "b=true".to_string(),
+            "s=hello world".to_string(),
+            "q=\"quoted\"".to_string(),
+            "e=".to_string(),
+        ];
+        let object = header_object(&flags).unwrap().unwrap();
+        assert_eq!(
+            object.get(),
+            r#"{"b":true,"e":"","f":1.50,"n":98765432109876543210,"q":"\"quoted\"","s":"hello world"}"#
+        );
+        assert!(header_object(&["novalue".to_string()]).is_err());
+        assert!(header_object(&[]).unwrap().is_none());
+    }
 }

@@ -45,7 +45,7 @@ pub(super) fn print_status(r: &StatusReport) {
         c.failed,
         c.consumed
     );
-    match r.oldest_pending_age_ms {
+    match r.oldest_delivering_age_ms {
         Some(age) => out!("oldest undelivered: {} old", format_age(age)),
         None => out!("oldest undelivered: none waiting"),
     }

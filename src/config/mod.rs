@@ -50,7 +50,7 @@ use serde::{Deserialize, Serialize};
 use env::apply_env;
 use values::{at_least_one, empty_is_none, human_duration, optional_address};
 pub(crate) use values::{format_duration, redact_url};
-pub use values::{
+pub(crate) use values::{
     ExchangeKind, FileMode, HandlerKind, LogFormat, QueueType, Synchronous, TimeOfDay,
 };
 
@@ -93,7 +93,7 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Config {
+pub(crate) struct Config {
     pub store: StoreConfig,
     pub submit: SubmitConfig,
     pub broker: BrokerConfig,
@@ -106,7 +106,7 @@ pub struct Config {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct StoreConfig {
+pub(crate) struct StoreConfig {
     pub path: PathBuf,
     pub synchronous: Synchronous,
     /// The most delivering rows: past it a submit is refused with
@@ -135,7 +135,7 @@ impl Default for StoreConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SubmitConfig {
+pub(crate) struct SubmitConfig {
     pub socket: PathBuf,
     /// Who may open the socket, by its file mode (written "0660").
     pub socket_mode: FileMode,
@@ -169,7 +169,7 @@ impl SubmitConfig {
     /// Longest request line accepted. A JSON string may escape every byte of
     /// the body (`\u0000` is six bytes for one), base64 takes 4/3: six times
     /// the body plus room for the other fields covers every valid request.
-    pub fn max_line_length(&self) -> usize {
+    pub(crate) fn max_line_length(&self) -> usize {
         let body = usize::try_from(self.max_message_size.as_u64()).unwrap_or(usize::MAX / 8);
         body.saturating_mul(6).saturating_add(64 * 1024)
     }
@@ -177,7 +177,7 @@ impl SubmitConfig {
 
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct BrokerConfig {
+pub(crate) struct BrokerConfig {
     pub urls: Vec<String>,
     /// A file whose content replaces the URLs' password (systemd
     /// credentials); `""`: the URLs' own passwords.
@@ -228,7 +228,7 @@ impl Default for BrokerConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PublishConfig {
+pub(crate) struct PublishConfig {
     /// Messages published and not yet confirmed, at most.
     #[serde(deserialize_with = "at_least_one::deserialize")]
     pub max_in_flight: NonZeroUsize,
@@ -257,7 +257,7 @@ impl Default for PublishConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Binding {
+pub(crate) struct Binding {
     pub exchange: String,
     #[serde(default)]
     pub exchange_type: ExchangeKind,
@@ -267,7 +267,7 @@ pub struct Binding {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ConsumerConfig {
+pub(crate) struct ConsumerConfig {
     /// The queue to consume; `""` (none): no consumer runs.
     #[serde(with = "empty_is_none")]
     pub queue: Option<String>,
@@ -306,7 +306,7 @@ impl Default for ConsumerConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PurgeConfig {
+pub(crate) struct PurgeConfig {
     /// Local time of the daily purge (written "HH:MM").
     pub at: TimeOfDay,
     #[serde(with = "human_duration")]
@@ -331,7 +331,7 @@ impl Default for PurgeConfig {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
+pub(crate) struct MetricsConfig {
     /// `IP:PORT` to serve `/metrics` on; `""` (none): no metrics endpoint.
     #[serde(with = "optional_address")]
     pub listen: Option<SocketAddr>,
@@ -339,7 +339,7 @@ pub struct MetricsConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
+pub(crate) struct LogConfig {
     pub level: String,
     pub format: LogFormat,
 }

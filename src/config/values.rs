@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Synchronous {
+pub(crate) enum Synchronous {
     /// Every commit is synced: survives a power cut.
     Full,
     /// WAL sync at checkpoints only: survives a crash of the agent, not a power cut.
@@ -30,21 +30,21 @@ pub enum Synchronous {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum QueueType {
+pub(crate) enum QueueType {
     Classic,
     Quorum,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum HandlerKind {
+pub(crate) enum HandlerKind {
     Record,
     Exec,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Auto,
     Json,
 }

@@ -54,7 +54,7 @@ const DECLARE: &str = "declaring the consumer's topology";
 const SHUTDOWN_HANDLER_WAIT: Duration = Duration::from_secs(8);
 
 /// The consumer task.
-pub struct Consumer {
+pub(crate) struct Consumer {
     /// `consumer.queue`: set, or there would be no consumer.
     queue: String,
     config: ConsumerConfig,
@@ -88,7 +88,7 @@ struct Session {
 }
 
 impl Consumer {
-    pub fn new(
+    pub(crate) fn new(
         queue: String,
         config: ConsumerConfig,
         connector: Connector,
@@ -106,7 +106,7 @@ impl Consumer {
         }
     }
 
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) -> Result<(), ConsumeError> {
         let mut link = Link::Down;
         loop {
             link = match link {
@@ -203,6 +203,7 @@ impl Consumer {
         let _ = tokio::time::timeout(SHUTDOWN_HANDLER_WAIT, drain(&mut running)).await;
         running.abort_all();
         broker::close(&session.connection, "reconnecting").await;
+        self.reconnect.lost();
         Ok(Link::Down)
     }
 }

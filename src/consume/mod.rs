@@ -58,9 +58,9 @@ mod delivery;
 mod handler;
 mod in_flight;
 mod message;
-mod topology;
+pub(crate) mod topology;
 
-pub use consumer::Consumer;
+pub(crate) use consumer::Consumer;
 
 use crate::store::StoreError;
 
@@ -68,7 +68,7 @@ use crate::store::StoreError;
 /// Nothing produces one today: the broker's failures are retried, and a
 /// delivery the store cannot record goes back to the queue.
 #[derive(Debug, thiserror::Error)]
-pub enum ConsumeError {
+pub(crate) enum ConsumeError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -23,10 +23,11 @@
 //! - [`Backlog::next`] is cancel-safe: the forwarder polls it in a
 //!   `select!`, and a page read in progress survives for the next call.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use tokio::task::JoinHandle;
 
+use super::ledger::Ledger;
 use crate::store::{now_ms, OutgoingRow, Reader, StoreError};
 
 /// Rows read per page.
@@ -37,13 +38,22 @@ pub(crate) struct Backlog {
     reader: Reader,
     /// Rows with a rowid up to this one were read by the current pass.
     cursor: i64,
-    page: VecDeque<OutgoingRow>,
+    /// The rows of the current page, each with the number of the read
+    /// that produced it (see [`Ledger::stale`]).
+    page: VecDeque<(u64, OutgoingRow)>,
+    /// Page reads started so far.
+    reads: u64,
     /// The next page, being read on the blocking pool. Kept across
     /// cancellations of [`Backlog::next`], and started before the current
     /// page runs out, so the publisher never waits on the disk for long.
     reading: Option<JoinHandle<Result<Vec<OutgoingRow>, StoreError>>>,
     /// The current pass found nothing more; new rows or a rewind wake it.
     exhausted: bool,
+    /// New rows were committed since the page read in progress started: an
+    /// empty answer from that read says nothing about them, so it must not
+    /// end the pass (the lost wakeup: a row committed during a read would
+    /// otherwise wait for the next resend pass).
+    more_since_read: bool,
     /// Rows handed out by the current pass.
     handed_out: u64,
 }
@@ -54,8 +64,10 @@ impl Backlog {
             reader,
             cursor: 0,
             page: VecDeque::new(),
+            reads: 0,
             reading: None,
             exhausted: false,
+            more_since_read: false,
             handed_out: 0,
         }
     }
@@ -73,11 +85,23 @@ impl Backlog {
     /// New rows were committed: the current pass goes on past its end.
     pub(crate) fn more_rows(&mut self) {
         self.exhausted = false;
+        self.more_since_read = true;
     }
 
     /// Nothing to hand out until new rows or a rewind.
     pub(crate) fn exhausted(&self) -> bool {
         self.exhausted && self.page.is_empty() && self.reading.is_none()
+    }
+
+    /// Page reads started so far: an outcome committed now may be missing
+    /// from every page read up to this one.
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads
+    }
+
+    /// The oldest page read whose rows are still to be handed out.
+    pub(crate) fn oldest_read_in_use(&self) -> u64 {
+        self.page.front().map_or(self.reads, |(read, _)| *read)
     }
 
     /// Rows handed out since the last rewind.
@@ -88,23 +112,26 @@ impl Backlog {
     fn start_read(&mut self) {
         let reader = self.reader.clone();
         let after = self.cursor;
+        self.more_since_read = false;
+        self.reads += 1;
         self.reading = Some(tokio::task::spawn_blocking(move || {
             reader.due_page(after, now_ms(), PAGE_SIZE)
         }));
     }
 
-    /// The next due row not in `in_flight`, or `None` when the pass is done.
-    /// Cancel-safe: a page read in progress is kept for the next call.
+    /// The next due row the ledger does not hold, or `None` when the pass
+    /// is done. Cancel-safe: a page read in progress is kept for the next
+    /// call.
     pub(crate) async fn next(
         &mut self,
-        in_flight: &HashSet<String>,
+        ledger: &Ledger,
     ) -> Result<Option<OutgoingRow>, StoreError> {
         loop {
             if self.page.len() < PAGE_SIZE / 4 && self.reading.is_none() && !self.exhausted {
                 self.start_read();
             }
-            while let Some(row) = self.page.pop_front() {
-                if !in_flight.contains(&row.id) {
+            while let Some((read, row)) = self.page.pop_front() {
+                if !ledger.holds(&row.id) && !ledger.stale(&row.id, read) {
                     self.handed_out += 1;
                     return Ok(Some(row));
                 }
@@ -119,9 +146,11 @@ impl Backlog {
             let page = page??;
             match page.last() {
                 Some(last) => self.cursor = last.rowid,
+                None if self.more_since_read => {}
                 None => self.exhausted = true,
             }
-            self.page.extend(page);
+            let read = self.reads;
+            self.page.extend(page.into_iter().map(|row| (read, row)));
         }
     }
 }

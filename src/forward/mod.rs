@@ -8,13 +8,20 @@
 //! up to `publish.max_in_flight` unconfirmed, and turns every confirm into
 //! an outcome the store records.
 //!
-//! Layout, one file per concern:
-//! - `forwarder`: [`Forwarder`], the task: the link, publishing, confirms,
-//!   settling outcomes, the shutdown drain;
-//! - `window`: the rows in flight, from publish to a recorded outcome;
-//! - `outcome`: the pure part: the AMQP properties of a row and the
-//!   classification of a confirm;
-//! - `backlog`: the paged walk over due rows (docs/forwarding.md, Passes);
+//! Layout, one file per concern (pure cores without I/O, and the shell):
+//! - `ledger`: the pure in-flight core: which rows are out, what each broker
+//!   answer means, suspects and their isolation;
+//! - `exchanges`: the pure cache of what the broker said of each exchange;
+//! - `outcome`: lapin's answers translated for the ledger (by reply code),
+//!   and the AMQP properties of a row;
+//! - `forwarder`: [`Forwarder`], the task: the link, the loop, publishing,
+//!   feeding answers to the ledger, the shutdown drain;
+//! - `side`: what is asked on channels other than the publishing one
+//!   (exchange checks, the liveness probe, the own topology), and the
+//!   pacing of channel reopens;
+//! - `window`: the futures of the rows in flight (confirms, commits);
+//! - `backlog`: the paged walk over due rows (docs/forwarding.md, The
+//!   resend pass);
 //! - `resend`: [`Resend`], the periodic pass, and the pass request the
 //!   forwarder answers.
 //!
@@ -30,28 +37,32 @@
 //!   confirm-mode channel → **Up**; a failure → **Down** again, shown in
 //!   `status` (`last_error`). Pass requests and watchdog probes are
 //!   answered while waiting. Shutdown → **Stopped**.
-//! - **Up**: publishing. Connection lost → **Down** at once (no wait);
-//!   channel closed by the broker (a 404) → reopened on the same
-//!   connection, stays **Up**; blocked by the broker (`connection.blocked`)
+//! - **Up**: publishing. Connection lost → **Down** (at once after a link
+//!   that was up 10 s, else after the backoff); channel closed by the
+//!   broker → reopened on the same connection once fully closed (paced when
+//!   closes come in a row), stays **Up**; blocked by the broker (`connection.blocked`)
 //!   → stays **Up**, publishes nothing until unblocked. Every new link and
 //!   every reopened channel starts a new pass from the oldest row.
 //!   Shutdown → drain the confirms (bounded), record them, close (bounded)
 //!   → **Stopped**.
 //! - **Stopped**: the task returns.
 //!
-//! # Outcomes (docs/forwarding.md, Outcomes)
+//! # Outcomes (docs/forwarding.md, Outcomes and Isolating a message the
+//! broker refuses)
 //!
 //! - **delivered**: an ack that carries no `basic.return` → status
 //!   delivered;
-//! - **rejected**: a nack, an ack *with* a return (312 NO_ROUTE), the
-//!   channel closed by the broker because of this message (404 naming its
-//!   exchange), or no confirm within `publish.confirm_timeout` on a
-//!   connection that stayed up and unblocked → one failed attempt, recorded
-//!   by the store (`try_count`, `last_error`, `next_try_time`; status failed
-//!   at `publish.max_attempts`);
-//! - **unknown**: anything else (connection lost, channel closed because of
-//!   another message, blocked broker) → nothing recorded; the row stays due
-//!   and the next pass publishes it again with the same `message_id`.
+//! - **rejected** (one failed attempt, recorded by the store; status failed
+//!   at `publish.max_attempts`): a nack; an ack *with* a return (312
+//!   NO_ROUTE); the exchange refused by a passive declare (never
+//!   published); a channel close with a code a message can cause while the
+//!   row was alone on the channel; a confirm timeout after which the broker
+//!   answered a liveness probe;
+//! - **unknown** (nothing recorded; the row goes out again with the same
+//!   `message_id`): a lost link, a close that blames no message, a timeout
+//!   the probe could not explain, a blocked broker. A blaming close with
+//!   several rows on the channel makes them *suspects*, isolated by the
+//!   ledger until the culprit is alone on a channel.
 //!
 //! # Invariants
 //!
@@ -65,11 +76,14 @@
 //! - URLs in logs, errors and status are redacted.
 
 mod backlog;
+mod exchanges;
 mod forwarder;
+mod ledger;
 mod outcome;
 mod resend;
+mod side;
 mod window;
 
-pub use forwarder::ForwardError;
+pub(crate) use forwarder::ForwardError;
 pub(crate) use forwarder::Forwarder;
 pub(crate) use resend::Resend;

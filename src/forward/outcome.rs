@@ -1,24 +1,27 @@
-//! Outcome: what the forwarder sends for a row, and what a confirm means
-//! (docs/forwarding.md, Publishing and Outcomes).
+//! Outcome: what the forwarder sends for a row, and what the broker's
+//! answers mean (docs/forwarding.md, Message properties and Outcomes).
 //!
-//! Role: the pure part of forwarding, with no I/O: the AMQP properties of
-//! a row ([`properties`]), and the classification of one confirm into
-//! [`Attempt::Delivered`], [`Attempt::Rejected`] or [`Attempt::Unknown`]
-//! ([`classify`]); the table is in the module header of
-//! [`crate::forward`].
+//! Role: the pure part of forwarding that touches lapin's types, with no
+//! I/O: the AMQP properties of a row ([`properties`]), and the translation
+//! of one awaited confirm into what the ledger understands
+//! ([`confirm_event`]): a broker reply about the row, a close of its
+//! channel or connection, or a timeout.
 //!
 //! Invariants:
-//! - A timeout counts against the message only when the link stayed up and
-//!   unblocked; anything the message is not to blame for is unknown.
-//! - A closed channel counts against the message only when the broker named
-//!   the message's own exchange (404); another message's 404 is unknown.
+//! - Replies are classified by reply code and AMQP method, never by reply
+//!   text: lapin turns `channel.close`/`connection.close` into an error
+//!   carrying the reply code, and the publishing channel carries nothing
+//!   but `basic.publish` after `confirm.select`, so a close on it is about
+//!   a publish.
+//! - Only codes a message can cause ([`blames_a_message`]) may ever charge
+//!   one; a broker shutting down (320), our own protocol slip (504) or a
+//!   lost socket charge nothing.
 //! - Every row goes out persistent, with `message_id` = row id, so a
 //!   re-publish after an unknown outcome is recognisable downstream.
 
-use std::time::Duration;
-
 use lapin::{BasicProperties, Confirmation};
 
+use super::ledger::{BrokerClose, Reply};
 use crate::broker::headers;
 use crate::store::OutgoingRow;
 
@@ -26,63 +29,89 @@ use crate::store::OutgoingRow;
 /// answer within `publish.confirm_timeout`.
 pub(crate) type ConfirmResult = Result<lapin::Result<Confirmation>, tokio::time::error::Elapsed>;
 
-/// What one attempt came to (see the module header of [`crate::forward`]).
+/// One awaited confirm, as the ledger sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Attempt {
-    Delivered,
-    Rejected(String),
-    Unknown(String),
+pub(crate) enum ConfirmEvent {
+    /// The broker answered about this row.
+    Reply(Reply),
+    /// The channel (or the connection) closed before the answer: by the
+    /// broker with this reply when `Some`, else the link was lost.
+    Closed(Option<BrokerClose>),
+    /// No answer within `publish.confirm_timeout`.
+    TimedOut,
 }
 
-/// Classifies a confirm of a message sent to `exchange`. `link_ok`: the
-/// connection is still up and not blocked (only then does a timeout count
-/// against the message).
-pub(crate) fn classify(
-    exchange: &str,
-    result: &ConfirmResult,
-    confirm_timeout: Duration,
-    link_ok: bool,
-) -> Attempt {
+/// Translates a confirm (see the module header).
+pub(crate) fn confirm_event(result: &ConfirmResult) -> ConfirmEvent {
     match result {
-        Ok(Ok(Confirmation::Ack(None))) => Attempt::Delivered,
+        Ok(Ok(Confirmation::Ack(None))) => ConfirmEvent::Reply(Reply::Ack),
         Ok(Ok(Confirmation::Ack(Some(returned)))) | Ok(Ok(Confirmation::Nack(Some(returned)))) => {
-            Attempt::Rejected(format!(
-                "{} {}: returned by the broker (unroutable)",
-                returned.reply_code, returned.reply_text
-            ))
+            ConfirmEvent::Reply(Reply::Returned {
+                code: returned.reply_code,
+                text: returned.reply_text.to_string(),
+            })
         }
-        Ok(Ok(Confirmation::Nack(None))) => {
-            Attempt::Rejected("basic.nack: the broker could not take the message".into())
-        }
-        Ok(Ok(Confirmation::NotRequested)) => {
-            Attempt::Unknown("the channel was not in confirm mode".into())
-        }
-        Ok(Err(error)) => match error.kind() {
-            lapin::ErrorKind::ProtocolError(amqp)
-                if amqp.get_id() == 404
-                    && amqp
-                        .get_message()
-                        .as_str()
-                        .contains(&format!("exchange '{exchange}'")) =>
-            {
-                Attempt::Rejected(format!(
-                    "404 channel closed by the broker: {}",
-                    amqp.get_message()
-                ))
-            }
-            _ => Attempt::Unknown(error.to_string()),
-        },
-        Err(_) if link_ok => Attempt::Rejected(format!(
-            "no confirm within publish.confirm_timeout ({})",
-            humantime::format_duration(confirm_timeout)
-        )),
-        Err(_) => Attempt::Unknown("no confirm while the broker was blocked".into()),
+        Ok(Ok(Confirmation::Nack(None))) => ConfirmEvent::Reply(Reply::Nack),
+        // Not in confirm mode: the channel is not the one we opened.
+        Ok(Ok(Confirmation::NotRequested)) => ConfirmEvent::Closed(None),
+        Ok(Err(error)) => ConfirmEvent::Closed(broker_close(error)),
+        Err(_) => ConfirmEvent::TimedOut,
     }
 }
 
+/// The broker's close reply carried by a lapin error, if it is one.
+pub(crate) fn broker_close(error: &lapin::Error) -> Option<BrokerClose> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(BrokerClose {
+            code: amqp.get_id(),
+            text: amqp.get_message().to_string(),
+        }),
+        _ => None,
+    }
+}
+
+/// Reply codes a message can cause on `basic.publish`: channel errors
+/// (403 access refused, 404 not found, 405 resource locked, 406
+/// precondition failed, 311 content too large, 313 no consumers) and the
+/// connection errors that a malformed message could provoke (501 frame,
+/// 502 syntax, 503 command invalid, 505 unexpected frame, 541 internal).
+/// Never 320 (the broker shutting down or an operator closing us), 504
+/// (a channel-id slip), 506, 530 or 540.
+pub(crate) fn blames_a_message(code: u16) -> bool {
+    matches!(
+        code,
+        311 | 313 | 403 | 404 | 405 | 406 | 501 | 502 | 503 | 505 | 541
+    )
+}
+
+/// AMQP short strings (the exchange, routing key, `message_id` and content
+/// type) hold at most 255 bytes; lapin panics on a longer one. Submit
+/// refuses such rows, so only a row written into `msg_log` by hand can have
+/// one: it is refused with the reason, never sent.
+pub(crate) fn short_fields(row: &OutgoingRow) -> Result<(), String> {
+    let fields = [
+        ("exchange", Some(row.exchange.as_str())),
+        ("routing key", Some(row.routing_key.as_str())),
+        ("id", Some(row.id.as_str())),
+        ("content type", row.content_type.as_deref()),
+    ];
+    for (name, value) in fields {
+        if let Some(value) = value.filter(|v| v.len() > 255) {
+            return Err(format!(
+                "its {name} is {} bytes long (AMQP allows 255)",
+                value.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// AMQP properties of a row: persistent, its id, its submit time, its
-/// content type and headers when it has them.
-pub(crate) fn properties(row: &OutgoingRow) -> BasicProperties {
+/// content type and headers when it has them. `Err` when the stored
+/// headers cannot be sent (a row written into `msg_log` by hand): the row
+/// is then charged with that reason instead of being published.
+pub(crate) fn properties(row: &OutgoingRow) -> Result<BasicProperties, String> {
+    short_fields(row)?;
     let mut properties = BasicProperties::default()
         .with_message_id(row.id.as_str().into())
         .with_delivery_mode(2)
@@ -94,36 +123,51 @@ pub(crate) fn properties(row: &OutgoingRow) -> BasicProperties {
     if let Some(ct) = &row.content_type {
         properties = properties.with_content_type(ct.as_str().into());
     }
-    if let Some(headers) = row.headers.as_deref().and_then(headers::encode) {
-        properties = properties.with_headers(headers);
+    if let Some(stored) = row.headers.as_deref() {
+        let table = headers::encode(stored).map_err(|e| e.to_string())?;
+        properties = properties.with_headers(table);
     }
-    properties
+    Ok(properties)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
-    fn timeouts_count_only_on_a_live_link() {
-        let elapsed = tokio_timeout_elapsed();
-        let t = Duration::from_secs(1);
-        assert!(matches!(
-            classify("x", &Err(elapsed), t, true),
-            Attempt::Rejected(_)
-        ));
-        let elapsed = tokio_timeout_elapsed();
-        assert!(matches!(
-            classify("x", &Err(elapsed), t, false),
-            Attempt::Unknown(_)
-        ));
+    fn confirms_become_ledger_events() {
         let ok: ConfirmResult = Ok(Ok(Confirmation::Ack(None)));
-        assert_eq!(classify("x", &ok, t, true), Attempt::Delivered);
+        assert_eq!(confirm_event(&ok), ConfirmEvent::Reply(Reply::Ack));
         let nack: ConfirmResult = Ok(Ok(Confirmation::Nack(None)));
+        assert_eq!(confirm_event(&nack), ConfirmEvent::Reply(Reply::Nack));
+        let elapsed: ConfirmResult = Err(tokio_timeout_elapsed());
+        assert_eq!(confirm_event(&elapsed), ConfirmEvent::TimedOut);
+        let closed: ConfirmResult = Ok(Err(lapin::Error::from(lapin::ErrorKind::ProtocolError(
+            lapin::protocol::AMQPError::new(
+                lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND),
+                "NOT_FOUND - no exchange 'x' in vhost '/'".into(),
+            ),
+        ))));
         assert!(matches!(
-            classify("x", &nack, t, true),
-            Attempt::Rejected(_)
+            confirm_event(&closed),
+            ConfirmEvent::Closed(Some(BrokerClose { code: 404, .. }))
         ));
+        let lost: ConfirmResult = Ok(Err(lapin::Error::from(
+            lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
+        )));
+        assert_eq!(confirm_event(&lost), ConfirmEvent::Closed(None));
+    }
+
+    #[test]
+    fn only_codes_a_message_can_cause_blame_one() {
+        for code in [311, 313, 403, 404, 406, 501, 505, 541] {
+            assert!(blames_a_message(code), "{code}");
+        }
+        for code in [200, 320, 504, 506, 530, 540] {
+            assert!(!blames_a_message(code), "{code}");
+        }
     }
 
     #[test]
@@ -138,7 +182,7 @@ mod tests {
             content_type: Some("text/plain".into()),
             create_time: Some(1_700_000_000_123),
         };
-        let p = properties(&row);
+        let p = properties(&row).unwrap();
         assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("m-1"));
         assert_eq!(*p.delivery_mode(), Some(2));
         assert_eq!(*p.timestamp(), Some(1_700_000_000));
@@ -151,14 +195,22 @@ mod tests {
             .as_ref()
             .is_some_and(|h| h.inner().contains_key("a")));
         let bare = OutgoingRow {
-            headers: Some("not json".into()),
+            headers: None,
             content_type: None,
             create_time: None,
-            ..row
+            ..row.clone()
         };
-        let p = properties(&bare);
+        let p = properties(&bare).unwrap();
         assert!(p.headers().is_none() && p.content_type().is_none());
         assert_eq!(*p.timestamp(), Some(0));
+        let broken = OutgoingRow {
+            headers: Some("not json".into()),
+            ..row
+        };
+        assert!(
+            properties(&broken).is_err(),
+            "a row that cannot be sent says why"
+        );
     }
 
     fn tokio_timeout_elapsed() -> tokio::time::error::Elapsed {

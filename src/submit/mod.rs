@@ -58,7 +58,7 @@ use crate::status::StatusReport;
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
+pub(crate) enum SubmitError {
     #[error("another edge-outbox agent is already listening on {0}")]
     AlreadyRunning(PathBuf),
     #[error("{0} exists and is not a socket; refusing to replace it")]

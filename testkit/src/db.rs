@@ -13,17 +13,10 @@ use rusqlite::OptionalExtension;
 use crate::agent::Agent;
 use crate::wait::wait_until;
 
-/// Reads column `idx` of `row` as a [`Status`].
-// TODO(coordinator): `row.get(idx)` once `Status` implements `FromSql`.
+/// Reads column `idx` of `row` as a [`Status`] (its `FromSql`: an unknown
+/// code is an error, not a guess).
 pub fn get_status(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<Status> {
-    let code: i64 = row.get(idx)?;
-    Status::from_code(code).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            idx,
-            rusqlite::types::Type::Integer,
-            format!("unknown status code {code}").into(),
-        )
-    })
+    row.get(idx)
 }
 
 /// What a test looks at in a `msg_log` row.
@@ -60,7 +53,7 @@ impl Agent {
         self.db()
             .query_row(
                 "SELECT COUNT(*) FROM msg_log WHERE status = ?1",
-                [status as i64],
+                [status],
                 |r| r.get(0),
             )
             .unwrap_or_else(|e| panic!("counting {} rows: {e}", status.name()))

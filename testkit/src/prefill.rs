@@ -15,14 +15,7 @@ use rusqlite::Connection;
 /// Creates the agent's schema in the empty database `conn`, at the version
 /// this build writes.
 pub fn create_schema(conn: &Connection) {
-    // TODO(coordinator): edge_outbox::store::apply_schema(conn).expect("schema");
-    conn.execute_batch(include_str!("../../schema.sql"))
-        .expect("schema");
-    conn.execute_batch(&format!(
-        "PRAGMA user_version = {}",
-        edge_outbox::store::SCHEMA_VERSION
-    ))
-    .expect("version");
+    edge_outbox::store::apply_schema(conn).expect("schema");
 }
 
 /// Creates the database at `path` as the agent would (incremental
@@ -73,7 +66,7 @@ pub fn prefill_database(path: &Path, rows: i64, body_len: usize, row: impl Fn(i6
                     r.id,
                     body,
                     r.routing_key,
-                    r.status as i64,
+                    r.status,
                     r.next_try_time,
                     r.create_time
                 ])

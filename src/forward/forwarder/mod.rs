@@ -1,45 +1,59 @@
-//! Forwarder: the lapin loop (docs/forwarding.md, Publishing, Outcomes and
-//! Reconnecting).
+//! Forwarder: the lapin loop around the ledger (docs/forwarding.md,
+//! Connection, Outcomes, Isolating a message the broker refuses).
 //!
 //! Role: the one task that talks to the broker for publishing. It keeps the
 //! link through [`Link`] (states in the module header of
-//! [`crate::forward`]), publishes the rows its [`Backlog`] hands out, awaits
-//! their confirms, hands their outcomes to the store, and answers pass
-//! requests and watchdog probes whatever the link's state.
+//! [`crate::forward`]), asks the [`Ledger`] what may go out next, publishes
+//! it, feeds every broker answer back to the ledger, hands the outcomes to
+//! the store, and answers pass requests and watchdog probes whatever the
+//! link's state. It decides nothing itself: the ledger decides what an
+//! answer means, [`Exchanges`] what is known of an exchange, the
+//! [`Digest`] when a failure is worth a log line.
 //!
-//! Owns: the [`Reconnect`] driver and the live [`Session`], the
-//! [`Window`] of rows in flight, the [`BrokerState`] updates, the pass
-//! waiters.
+//! Owns: the [`Reconnect`] driver and the live [`Session`], the [`Window`]
+//! (ledger and futures), the [`BrokerState`] updates, the pass waiters.
 //!
 //! Invariants:
-//! - Outcomes are handed to the store before the loop waits again, so a
-//!   commit is never held back by an idle link.
-//! - Every publish and every confirm await has a timeout; the shutdown
-//!   drain is bounded by [`SHUTDOWN_CONFIRM_WAIT`], the close by
-//!   [`crate::broker::link::CLOSE_WAIT`].
-//! - Confirms carry the generation of their channel, so a confirm of a
-//!   channel since closed is told apart in the logs.
+//! - Before the first publish of a connection the agent's own consumer
+//!   topology is declared, so nothing is sent to an exchange the agent
+//!   itself creates before it exists.
+//! - A row for an exchange not known to exist is preceded by a passive
+//!   declare on a channel of its own; the publishing channel never carries
+//!   a publish the broker is known to refuse.
+//! - A confirm timeout is charged only after the broker answered a
+//!   liveness probe sent after it; no answer → the link is dropped and
+//!   nothing is charged.
+//! - A closed publishing channel is reopened only once it is fully closed,
+//!   and after a growing pause when closes come in a row.
+//! - Outcomes are handed to the store before the loop waits again.
+//! - Every publish, confirm, probe and declare await has a timeout.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{Stream, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Channel, Confirmation, Connection, Event};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, Event};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+mod answers;
+mod publishing;
+
 use super::backlog::Backlog;
-use super::outcome::{classify, properties, Attempt};
+use super::exchanges::Exchanges;
+use super::ledger::Next;
 use super::resend::{PassReport, PassRequest};
-use super::window::{Confirmed, Window};
+use super::side::{self, Pace};
+use super::window::Window;
 use crate::broker::{self, ConnectFailure, Connector, Linked, Reconnect, SetupError};
-use crate::config::PublishConfig;
+use crate::config::{ConsumerConfig, PublishConfig};
+use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::service::{self, ProbeRx};
 use crate::status::BrokerState;
-use crate::store::{now_ms, OutgoingRow, PublishOutcome, RetryPolicy, Store, StoreError};
+use crate::store::{now_ms, RetryPolicy, Store, StoreError};
 
 /// How long shutdown waits for outstanding confirms.
 const SHUTDOWN_CONFIRM_WAIT: Duration = Duration::from_secs(5);
@@ -48,7 +62,7 @@ const SHUTDOWN_CONFIRM_WAIT: Duration = Duration::from_secs(5);
 const OPEN_CHANNEL: &str = "cannot open a confirm-mode channel";
 
 #[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
+pub(crate) enum ForwardError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -58,16 +72,43 @@ struct Session {
     connection: Connection,
     channel: Channel,
     events: Pin<Box<dyn Stream<Item = Event> + Send>>,
-    /// Bumped per channel, so confirms of a closed channel are told apart.
+    /// Bumped per channel, so answers about a closed channel are told apart.
     generation: u64,
     /// The broker asked publishers to pause (memory or disk alarm): nothing
     /// is published, and a confirm timeout is not the message's fault.
     blocked: bool,
 }
 
+impl Session {
+    /// What publishing needs of the session, without its event stream
+    /// (which is not `Sync`, so a `&Session` cannot be held across an await).
+    fn wire(&self) -> Wire<'_> {
+        Wire {
+            connection: &self.connection,
+            channel: &self.channel,
+            generation: self.generation,
+            blocked: self.blocked,
+        }
+    }
+}
+
+/// A view of the live session for publishing (see [`Session::wire`]).
+#[derive(Clone, Copy)]
+struct Wire<'a> {
+    connection: &'a Connection,
+    channel: &'a Channel,
+    generation: u64,
+    blocked: bool,
+}
+
+/// The agent's own consumer's queue and configuration, when it has one.
+pub(crate) type OwnTopology = Option<(String, ConsumerConfig)>;
+
 /// The forwarder task.
 pub(crate) struct Forwarder {
     config: PublishConfig,
+    /// Declared on every new connection before anything is published.
+    topology: OwnTopology,
     reconnect: Reconnect,
     store: Store,
     state: BrokerState,
@@ -79,6 +120,13 @@ pub(crate) struct Forwarder {
     pass_waiters: Vec<oneshot::Sender<PassReport>>,
     backlog: Backlog,
     window: Window,
+    exchanges: Exchanges,
+    /// Publish failures per (exchange, routing key, reason), for the log.
+    failures: Digest<(String, String, String)>,
+    /// "Lost the broker connection" lines.
+    losses: Digest<()>,
+    /// Reopening the publishing channel after closes in a row.
+    reopens: Pace,
     /// The latest channel's generation (see [`Session::generation`]).
     generation: u64,
 }
@@ -86,14 +134,8 @@ pub(crate) struct Forwarder {
 /// Where the forwarder is with the broker (see the module header of
 /// [`crate::forward`]).
 enum Link {
-    /// No connection: waits out the backoff, then connects → `Up`, or
-    /// `Down` again. Shutdown → stop.
     Down,
-    /// Connected, channel in confirm mode, publishing. Connection lost →
-    /// `Down`; channel closed by the broker → reopened, stays `Up`;
-    /// shutdown → drain confirms, close, stop.
     Up(Box<Session>),
-    /// Shutdown finished.
     Stopped,
 }
 
@@ -101,6 +143,7 @@ impl Forwarder {
     /// The forwarder and the sender its [`super::Resend`] uses.
     pub(crate) fn new(
         config: PublishConfig,
+        topology: OwnTopology,
         connector: Connector,
         store: Store,
         state: BrokerState,
@@ -111,8 +154,10 @@ impl Forwarder {
         let backlog = Backlog::new(store.reader().clone());
         let reconnect =
             Reconnect::new(connector).counting_failures(metrics.connect_failures.clone());
+        let window = Window::new(config.max_in_flight.get());
         let forwarder = Forwarder {
             config,
+            topology,
             reconnect,
             store,
             state,
@@ -123,7 +168,11 @@ impl Forwarder {
             probes_open: true,
             pass_waiters: Vec::new(),
             backlog,
-            window: Window::new(),
+            window,
+            exchanges: Exchanges::default(),
+            failures: Digest::default(),
+            losses: Digest::default(),
+            reopens: Pace::default(),
             generation: 0,
         };
         (forwarder, tx)
@@ -151,7 +200,8 @@ impl Forwarder {
     }
 
     /// Waits out the backoff (answering pass requests and probes
-    /// meanwhile), then one attempt to connect and open a confirm channel.
+    /// meanwhile), then one attempt to connect, declare the agent's own
+    /// topology and open a confirm channel.
     async fn down(&mut self, shutdown: &CancellationToken) -> Link {
         loop {
             tokio::select! {
@@ -161,9 +211,13 @@ impl Forwarder {
                 probe = self.probes.recv(), if self.probes_open => self.on_probe(probe),
             }
         }
+        let topology = &self.topology;
         let attempt = self
             .reconnect
             .connect(OPEN_CHANNEL, async |connection: &Connection| {
+                if let Some((queue, consumer)) = topology {
+                    side::declare_own_topology(connection, queue, consumer).await;
+                }
                 open_channel(connection)
                     .await
                     .map_err(|e| SetupError::new(format!("{OPEN_CHANNEL}: {e}")))
@@ -189,6 +243,8 @@ impl Forwarder {
             s.last_error = None;
             s.blocked = false;
         });
+        // A new connection may meet a changed broker: ask again.
+        self.exchanges.forget_all();
         // Drain the backlog now, unconfirmed rows of the last link first.
         self.backlog.rewind();
         self.generation += 1;
@@ -215,27 +271,33 @@ impl Forwarder {
         Link::Down
     }
 
-    /// Publishes while connected; returns the next link state. Each arm of
-    /// the `select!` is one method below.
+    /// Publishes while connected; returns the next link state. The ledger
+    /// says what may go out: a suspect (published at once), backlog rows
+    /// (the `select!` arm), or nothing until an answer comes.
     async fn up(
         &mut self,
         mut session: Session,
         shutdown: &CancellationToken,
     ) -> Result<Link, ForwardError> {
         let new_rows = self.store.new_rows();
+        let mut tick = tokio::time::interval(crate::digest::PERIOD / 10);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let lost = loop {
             if let Err(lost) = self.check_link(&mut session).await {
                 break lost;
             }
             self.flush_outcomes().await?;
-            let in_flight = self.window.awaiting();
-            self.state.update(|s| {
-                s.in_flight = in_flight as u64;
-                s.blocked = session.blocked;
-            });
-            let can_publish = in_flight < self.config.max_in_flight.get()
-                && !session.blocked
-                && !self.backlog.exhausted();
+            self.show_state(&session);
+            let next = if session.blocked {
+                Next::Wait
+            } else {
+                self.window.ledger.next()
+            };
+            if let Next::Suspect(id) = next {
+                self.publish_suspect(session.wire(), id).await?;
+                continue;
+            }
+            let from_backlog = next == Next::Backlog && !self.backlog.exhausted();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return self.stop(session).await,
@@ -245,16 +307,20 @@ impl Forwarder {
                     }
                 }
                 Some(confirmed) = self.window.confirms.next(), if !self.window.confirms.is_empty() => {
-                    self.on_confirms(confirmed, &session);
+                    if let Some(lost) = self.on_confirms(confirmed, session.wire()).await {
+                        break lost;
+                    }
                 }
                 Some(settled) = self.window.settling.next(), if !self.window.settling.is_empty() => {
-                    self.window.settled(settled);
+                    self.window.settled(settled, self.backlog.reads());
+                    self.window.ledger.forget_settled_before(self.backlog.oldest_read_in_use());
                 }
                 request = self.passes.recv(), if self.passes_open => self.on_pass_request(request),
                 probe = self.probes.recv(), if self.probes_open => self.on_probe(probe),
+                _ = tick.tick() => self.report_failures(),
                 _ = new_rows.notified() => self.backlog.more_rows(),
-                row = self.backlog.next(&self.window.in_flight), if can_publish => match row? {
-                    Some(row) => self.publish(&session.channel, session.generation, row).await,
+                row = self.backlog.next(&self.window.ledger), if from_backlog => match row? {
+                    Some(row) => self.route(session.wire(), row).await,
                     None => self.pass_done(),
                 },
             }
@@ -264,9 +330,19 @@ impl Forwarder {
         Ok(Link::Down)
     }
 
+    fn show_state(&self, session: &Session) {
+        let in_flight = self.window.ledger.unconfirmed() as u64;
+        self.state.update(|s| {
+            s.in_flight = in_flight;
+            s.blocked = session.blocked;
+        });
+    }
+
     /// `Err(reason)` when the connection is gone. A channel the broker
-    /// closed (a 404, say) is reopened on the live connection, and the
-    /// backlog starts over so nothing it had taken is left behind.
+    /// closed is reopened on the live connection once its close is
+    /// complete (no frame of ours may follow the close-ok), after the pause
+    /// [`Pace`] asks for, and the backlog starts over so nothing it had
+    /// taken is left behind.
     async fn check_link(&mut self, session: &mut Session) -> Result<(), String> {
         if !session.connection.status().connected() {
             return Err("the connection closed".into());
@@ -274,6 +350,8 @@ impl Forwarder {
         if session.channel.status().connected() {
             return Ok(());
         }
+        side::until_closed(&session.channel).await;
+        tokio::time::sleep(self.reopens.next_delay(Instant::now())).await;
         let reopened = tokio::time::timeout(
             self.reconnect.connect_timeout(),
             open_channel(&session.connection),
@@ -286,7 +364,7 @@ impl Forwarder {
                 session.generation = self.generation;
                 self.backlog.rewind();
                 self.metrics.channel_closes.inc();
-                tracing::info!("reopened the publishing channel");
+                tracing::debug!("reopened the publishing channel");
                 Ok(())
             }
             Ok(Err(e)) => Err(format!("cannot reopen the channel: {e}")),
@@ -297,12 +375,11 @@ impl Forwarder {
     /// One event of the connection; `Some(reason)` when it is lost.
     fn on_event(&mut self, event: Option<Event>, session: &mut Session) -> Option<String> {
         match event {
-            // A channel-level error (a 404 closing our channel) is reported
-            // here too; the connection lives on and the channel is reopened
-            // by `check_link`.
             Some(Event::Error(e)) if !session.connection.status().connected() => {
                 return Some(e.to_string())
             }
+            // A channel-level error closing our channel: the confirms of
+            // its rows say so, and `check_link` reopens it.
             Some(Event::Error(e)) => {
                 tracing::debug!(error = %e, "channel error; the connection is still up");
             }
@@ -320,19 +397,11 @@ impl Forwarder {
         None
     }
 
-    /// A confirm arrived: it and every other one already there.
-    fn on_confirms(&mut self, first: Confirmed, session: &Session) {
-        let link_ok = !session.blocked && session.connection.status().connected();
-        self.on_confirm(first, link_ok);
-        while let Some(more) = self.window.ready_confirm() {
-            self.on_confirm(more, link_ok);
-        }
-    }
-
     /// Shutdown with a link: drain (bounded), close (bounded), stop.
     async fn stop(&mut self, session: Session) -> Result<Link, ForwardError> {
-        self.drain(&session.connection).await?;
+        self.drain(session.wire()).await?;
         broker::close(&session.connection, "edge-outbox shutting down").await;
+        self.report_failures();
         self.state.update(|s| {
             s.connected = false;
             s.since = Some(now_ms());
@@ -342,10 +411,16 @@ impl Forwarder {
     }
 
     /// The link is gone: every unconfirmed row is unknown (due again, no
-    /// attempt counted); outcomes already known are still recorded.
+    /// attempt counted); suspects stay suspects; outcomes already known are
+    /// still recorded.
     fn link_lost(&mut self, reason: &str) {
-        let unknown = self.window.abandon();
-        tracing::warn!(error = %reason, unconfirmed = unknown, "lost the broker connection; unconfirmed messages will be published again");
+        let unknown = self.window.ledger.unconfirmed();
+        self.window.ledger.link_lost();
+        self.window.abandon();
+        self.reconnect.lost();
+        if let Some(count) = self.losses.note(&(), Instant::now()) {
+            tracing::warn!(error = %reason, unconfirmed = unknown, count, "lost the broker connection; unconfirmed messages will be published again");
+        }
         let since = now_ms();
         self.state.update(|s| {
             s.connected = false;
@@ -354,83 +429,6 @@ impl Forwarder {
             s.blocked = false;
             s.last_error = Some(reason.to_string());
         });
-    }
-
-    async fn publish(&mut self, channel: &Channel, generation: u64, row: OutgoingRow) {
-        let properties = properties(&row);
-        self.window.publishing(&row.id);
-        let sent = tokio::time::timeout(
-            self.config.confirm_timeout,
-            channel.basic_publish(
-                row.exchange.as_str().into(),
-                row.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &row.body,
-                properties,
-            ),
-        )
-        .await;
-        match sent {
-            Ok(Ok(confirm)) => {
-                let OutgoingRow { id, exchange, .. } = row;
-                self.metrics.publishes.inc();
-                let timeout = self.config.confirm_timeout;
-                self.window
-                    .published(id, exchange, generation, confirm, timeout);
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(message_id = %row.id, error = %e, "publish failed; will publish again");
-                self.window.not_published(&row.id);
-            }
-            Err(_) => {
-                tracing::debug!(message_id = %row.id, "publish did not complete in time; will publish again");
-                self.window.not_published(&row.id);
-            }
-        }
-    }
-
-    fn on_confirm(&mut self, confirmed: Confirmed, link_ok: bool) {
-        let Confirmed {
-            sent_at,
-            id,
-            exchange,
-            generation,
-            result,
-        } = confirmed;
-        let m = &self.metrics;
-        match &result {
-            Ok(Ok(Confirmation::Ack(None))) => {
-                m.confirms.inc();
-                m.confirm_latency.observe(sent_at.elapsed().as_secs_f64());
-            }
-            Ok(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)))) => {
-                m.returns.inc();
-            }
-            Ok(Ok(Confirmation::Nack(None))) => {
-                m.nacks.inc();
-            }
-            Err(_) => {
-                m.confirm_timeouts.inc();
-            }
-            _ => {}
-        }
-        match classify(&exchange, &result, self.config.confirm_timeout, link_ok) {
-            Attempt::Delivered => {
-                tracing::debug!(message_id = %id, generation, "confirmed");
-                self.window.record(PublishOutcome::Delivered { id });
-            }
-            Attempt::Rejected(error) => {
-                tracing::warn!(message_id = %id, exchange = %exchange, error = %error, "publish attempt failed");
-                self.window.record(PublishOutcome::Rejected { id, error });
-            }
-            Attempt::Unknown(reason) => {
-                tracing::debug!(message_id = %id, reason = %reason, "outcome unknown; will publish again");
-                self.window.unknown(&id);
-            }
-        }
     }
 
     /// Hands the buffered outcomes to the store (see [`Window::flush`]).
@@ -464,24 +462,23 @@ impl Forwarder {
     }
 
     /// Shutdown with a link: wait (bounded) for outstanding confirms, record
-    /// what they say, and let the commits finish.
-    async fn drain(&mut self, connection: &Connection) -> Result<(), ForwardError> {
+    /// what they say, and let the commits finish. A confirm that times out
+    /// now is never charged: there is no time left to prove the link.
+    async fn drain(&mut self, session: Wire<'_>) -> Result<(), ForwardError> {
         let wait = self.config.confirm_timeout.min(SHUTDOWN_CONFIRM_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         while !self.window.confirms.is_empty() {
             match tokio::time::timeout_at(deadline, self.window.confirms.next()).await {
                 Ok(Some(confirmed)) => {
-                    let link_ok = connection.status().connected();
-                    // A timeout cut short by shutdown is not the message's fault.
-                    let link_ok = link_ok && confirmed.result.is_ok();
-                    self.on_confirm(confirmed, link_ok);
+                    let mut overdue = Vec::new();
+                    self.on_confirm(confirmed, session, &mut overdue);
                 }
                 Ok(None) | Err(_) => break,
             }
         }
         self.flush_outcomes().await?;
         while let Some(settled) = self.window.settling.next().await {
-            self.window.settled(settled);
+            self.window.settled(settled, self.backlog.reads());
         }
         Ok(())
     }

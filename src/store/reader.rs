@@ -1,0 +1,333 @@
+//! Readers: the pooled read-only connections and every query that only
+//! reads `msg_log` (status, listings, the forwarder's pages, purge previews).
+//!
+//! Owns [`Reader`] and the row decoding.
+//!
+//! Invariants:
+//! - Read-only connections (`SQLITE_OPEN_READ_ONLY`): nothing here can
+//!   write, so the writer's group commit is the only writer in the agent.
+//! - WAL lets readers run while the writer writes; a reader sees the last
+//!   committed state, never a group in progress.
+//! - Opening a reader never creates a database: no file is
+//!   [`StoreError::Missing`] (the CLI must not create one by looking).
+
+use std::path::{Path, PathBuf};
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{named_params, params, OpenFlags, OptionalExtension};
+
+use super::open::BUSY_TIMEOUT;
+use super::{OutgoingRow, PurgeCutoffs, Row, Status, StatusCounts, StoreError};
+
+/// Read-only access: the reader pool. What the CLI uses when the agent is down.
+#[derive(Clone)]
+pub struct Reader {
+    path: PathBuf,
+    pool: r2d2::Pool<SqliteConnectionManager>,
+}
+
+const ROW_COLUMNS: &str = "id, status, exchange, routing_key, try_count, next_try_time, \
+     create_time, update_time, last_error, headers, content_type, msg";
+
+fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    let (body, body_is_text) = match r.get_ref(11)? {
+        rusqlite::types::ValueRef::Text(t) => (t.to_vec(), true),
+        rusqlite::types::ValueRef::Blob(b) => (b.to_vec(), false),
+        _ => (Vec::new(), true),
+    };
+    Ok(Row {
+        id: r.get(0)?,
+        status: r.get(1)?,
+        exchange: r.get(2)?,
+        routing_key: r.get(3)?,
+        try_count: r.get(4)?,
+        next_try_time: r.get(5)?,
+        create_time: r.get(6)?,
+        update_time: r.get(7)?,
+        last_error: r.get(8)?,
+        headers: r.get(9)?,
+        content_type: r.get(10)?,
+        body,
+        body_is_text,
+    })
+}
+
+/// The forwarder's page: `?4` is [`Status::Delivering`].
+const DUE_PAGE_SQL: &str = "SELECT rowid, id, msg, exchange, routing_key, headers, \
+     content_type, create_time FROM msg_log WHERE status = ?4 AND rowid > ?1 \
+     AND (next_try_time IS NULL OR next_try_time <= ?2) ORDER BY rowid LIMIT ?3";
+
+/// One delivering row by id, with the columns of [`DUE_PAGE_SQL`].
+const OUTGOING_SQL: &str = "SELECT rowid, id, msg, exchange, routing_key, headers, \
+     content_type, create_time FROM msg_log WHERE status = ?2 AND id = ?1";
+
+/// A row of [`DUE_PAGE_SQL`] or [`OUTGOING_SQL`].
+fn outgoing_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutgoingRow> {
+    let body = match r.get_ref(2)? {
+        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => t.to_vec(),
+        _ => Vec::new(),
+    };
+    Ok(OutgoingRow {
+        rowid: r.get(0)?,
+        id: r.get(1)?,
+        body,
+        exchange: r.get(3)?,
+        routing_key: r.get(4)?,
+        headers: r.get(5)?,
+        content_type: r.get(6)?,
+        create_time: r.get(7)?,
+    })
+}
+
+/// One `(status, COUNT(*))` row.
+fn count_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Status, u64)> {
+    Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+}
+
+impl Reader {
+    /// Opens read-only connections on an existing database.
+    pub(crate) fn open(path: &Path) -> Result<Reader, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        let manager = SqliteConnectionManager::file(path)
+            .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .with_init(|c| c.busy_timeout(BUSY_TIMEOUT));
+        let pool = r2d2::Pool::builder()
+            .max_size(4)
+            .min_idle(Some(0))
+            .build(manager)?;
+        Ok(Reader {
+            path: path.to_path_buf(),
+            pool,
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>, StoreError> {
+        Ok(self.pool.get()?)
+    }
+
+    pub(crate) fn counts(&self) -> Result<StatusCounts, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt =
+            conn.prepare_cached("SELECT status, COUNT(*) FROM msg_log GROUP BY status")?;
+        let mut counts = StatusCounts::default();
+        let rows = stmt.query_map([], count_from)?;
+        for row in rows {
+            let (status, n) = row?;
+            counts.add(status, n);
+        }
+        Ok(counts)
+    }
+
+    /// `create_time` of the oldest delivering row.
+    pub(crate) fn oldest_delivering(&self) -> Result<Option<i64>, StoreError> {
+        let conn = self.conn()?;
+        let t = conn
+            .query_row(
+                "SELECT create_time FROM msg_log WHERE status = ?1 ORDER BY rowid LIMIT 1",
+                [Status::Delivering],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .optional()?;
+        Ok(t.flatten())
+    }
+
+    /// Bytes of the database file and its WAL.
+    pub(crate) fn db_size(&self) -> u64 {
+        let wal = PathBuf::from(format!("{}-wal", self.path.display()));
+        [self.path.as_path(), wal.as_path()]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Up to `limit` rows, newest first, optionally of one status.
+    pub(crate) fn list(&self, status: Option<Status>, limit: u64) -> Result<Vec<Row>, StoreError> {
+        let conn = self.conn()?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match status {
+            Some(s) => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {ROW_COLUMNS} FROM msg_log WHERE status = ?1 ORDER BY rowid DESC LIMIT ?2"
+                ))?;
+                let rows = stmt.query_map(params![s, limit], row_from)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            }
+            None => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {ROW_COLUMNS} FROM msg_log ORDER BY rowid DESC LIMIT ?1"
+                ))?;
+                let rows = stmt.query_map(params![limit], row_from)?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        Ok(rows)
+    }
+
+    /// Up to `limit` delivering rows after `after_rowid` that are due at `now`,
+    /// oldest first: one page of the forwarder's backlog.
+    pub(crate) fn due_page(
+        &self,
+        after_rowid: i64,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<OutgoingRow>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(DUE_PAGE_SQL)?;
+        let rows = stmt.query_map(
+            params![
+                after_rowid,
+                now,
+                i64::try_from(limit).unwrap_or(i64::MAX),
+                Status::Delivering
+            ],
+            outgoing_from,
+        )?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// One row as the forwarder publishes it, if it is still delivering
+    /// (the forwarder re-reads a suspect it isolates).
+    pub(crate) fn outgoing(&self, id: &str) -> Result<Option<OutgoingRow>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(OUTGOING_SQL)?;
+        Ok(stmt
+            .query_row(params![id, Status::Delivering], outgoing_from)
+            .optional()?)
+    }
+
+    /// How many rows a purge with `cutoffs` would delete, per status.
+    pub(crate) fn purgeable(&self, cutoffs: PurgeCutoffs) -> Result<StatusCounts, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT status, COUNT(*) FROM msg_log WHERE status IN (:settled_a, :settled_b) \
+             AND create_time < :settled_before GROUP BY status \
+             UNION ALL \
+             SELECT status, COUNT(*) FROM msg_log WHERE status = :failed \
+             AND create_time < :failed_before GROUP BY status",
+        )?;
+        let [settled_a, settled_b] = PurgeCutoffs::SETTLED;
+        let rows = stmt.query_map(
+            named_params! {
+                ":settled_a": settled_a,
+                ":settled_b": settled_b,
+                ":settled_before": cutoffs.settled_before,
+                ":failed": PurgeCutoffs::FAILED,
+                ":failed_before": cutoffs.failed_before,
+            },
+            count_from,
+        )?;
+        let mut counts = StatusCounts::default();
+        for row in rows {
+            let (status, n) = row?;
+            counts.add(status, n);
+        }
+        Ok(counts)
+    }
+
+    /// The status of row `id`, if there is one.
+    pub(crate) fn status_of(&self, id: &str) -> Result<Option<Status>, StoreError> {
+        let conn = self.conn()?;
+        let status = conn
+            .prepare_cached("SELECT status FROM msg_log WHERE id = ?1")?
+            .query_row(params![id], |r| r.get(0))
+            .optional()?;
+        Ok(status)
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Result<Option<Row>, StoreError> {
+        let conn = self.conn()?;
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {ROW_COLUMNS} FROM msg_log WHERE id = ?1"))?;
+        Ok(stmt.query_row(params![id], row_from).optional()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::store::open::open_writer_connection;
+
+    /// A database holding one row per status, and its reader.
+    fn fixture(dir: &Path) -> (rusqlite::Connection, Reader) {
+        let path = dir.join("t.db");
+        let conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        for status in Status::ALL {
+            conn.execute(
+                "INSERT INTO msg_log (id, msg, status, create_time) VALUES (?1, 'x', ?2, 1)",
+                params![status.name(), status],
+            )
+            .unwrap();
+        }
+        (conn, Reader::open(&path).unwrap())
+    }
+
+    #[test]
+    fn rows_and_counts_read_their_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_conn, reader) = fixture(dir.path());
+        let counts = reader.counts().unwrap();
+        assert_eq!(counts.total(), Status::ALL.len() as u64);
+        for status in Status::ALL {
+            assert_eq!(reader.status_of(status.name()).unwrap(), Some(status));
+            assert_eq!(reader.get(status.name()).unwrap().unwrap().status, status);
+            let listed = reader.list(Some(status), 10).unwrap();
+            assert_eq!(listed.len(), 1);
+            assert_eq!(listed[0].id, status.name());
+        }
+        let due = reader.due_page(0, 2, 10).unwrap();
+        let due: Vec<&str> = due.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(due, [Status::Delivering.name()]);
+        assert_eq!(reader.oldest_delivering().unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_status_code_no_status_has_is_an_error_not_a_guess() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, reader) = fixture(dir.path());
+        let unknown = Status::ALL.iter().map(|s| s.code()).max().unwrap() + 1;
+        conn.execute(
+            "UPDATE msg_log SET status = ?1 WHERE id = ?2",
+            params![unknown, Status::Failed.name()],
+        )
+        .unwrap();
+        let id = Status::Failed.name();
+        for err in [
+            reader.get(id).map(|_| ()).unwrap_err(),
+            reader.status_of(id).map(|_| ()).unwrap_err(),
+            reader.list(None, 10).map(|_| ()).unwrap_err(),
+            reader.counts().map(|_| ()).unwrap_err(),
+        ] {
+            assert!(
+                err.to_string().contains("not a status this agent knows"),
+                "{err}"
+            );
+        }
+    }
+
+    /// The forwarder's page walks the status index in rowid order; binding
+    /// the status as a parameter must keep it that way.
+    #[test]
+    fn the_due_page_is_an_index_range_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, _reader) = fixture(dir.path());
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {DUE_PAGE_SQL}"))
+            .unwrap()
+            .query_map(params![0, 0, 10, Status::Delivering], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            plan,
+            ["SEARCH msg_log USING INDEX msg_log_status (status=? AND rowid>?)"]
+        );
+    }
+}

@@ -1,0 +1,213 @@
+//! Tests of the [`Store`](super::Store) handle as the agent uses it: each
+//! write through the writer thread and its group commit, read back through
+//! the reader pool, grouped by behaviour (submits and limits, publish
+//! outcomes, consumer results, purge).
+
+use std::path::Path;
+
+use rusqlite::params;
+
+use crate::config::StoreConfig;
+use crate::store::{
+    now_ms, ConsumeVerdict, Consumption, Delivered, Inserted, NewMessage, PublishOutcome,
+    PurgeCutoffs, RetryPolicy, Status, Store, StoreError,
+};
+
+fn config(dir: &Path) -> StoreConfig {
+    StoreConfig {
+        path: dir.join("t.db"),
+        ..StoreConfig::default()
+    }
+}
+
+/// Stores `message` and waits for its commit, as a submit does.
+async fn insert(store: &Store, message: NewMessage) -> Result<Inserted, StoreError> {
+    store.enqueue_insert(message).await?.await
+}
+
+fn message(id: &str, body: &[u8]) -> NewMessage {
+    NewMessage {
+        id: id.into(),
+        body: body.to_vec(),
+        exchange: "ex".into(),
+        routing_key: "rk".into(),
+        headers: None,
+        content_type: "text/plain".into(),
+    }
+}
+
+#[tokio::test]
+async fn insert_dedupes_and_round_trips_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&config(dir.path())).unwrap();
+    let body = vec![0u8, 255, 1, 128];
+    let first = insert(&store, message("a", &body)).await.unwrap();
+    assert!(!first.duplicate);
+    let again = insert(&store, message("a", b"other")).await.unwrap();
+    assert!(again.duplicate);
+    let row = store.reader().get("a").unwrap().unwrap();
+    assert_eq!(row.body, body);
+    assert!(!row.body_is_text);
+    assert_eq!(row.status, Status::Delivering);
+    assert_eq!(store.reader().counts().unwrap().delivering, 1);
+    store.close().await;
+    assert!(matches!(
+        insert(&store, message("b", b"x")).await,
+        Err(StoreError::Closed)
+    ));
+}
+
+#[tokio::test]
+async fn max_pending_refuses_without_evicting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.max_pending = std::num::NonZeroU64::new(2).unwrap();
+    let store = Store::open(&cfg).unwrap();
+    insert(&store, message("1", b"x")).await.unwrap();
+    insert(&store, message("2", b"x")).await.unwrap();
+    let refused = insert(&store, message("3", b"x")).await;
+    assert!(matches!(refused, Err(StoreError::BufferFull { .. })));
+    // A duplicate of a stored message is still ok.
+    assert!(insert(&store, message("2", b"x")).await.unwrap().duplicate);
+    assert_eq!(store.reader().counts().unwrap().delivering, 2);
+    store.close().await;
+}
+
+fn delivered(id: &str) -> Delivered {
+    Delivered {
+        id: id.into(),
+        exchange: "ex".into(),
+        routing_key: "rk".into(),
+        body: b"body".to_vec(),
+        headers: None,
+        content_type: None,
+    }
+}
+
+#[tokio::test]
+async fn outcomes_move_status_forward_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&config(dir.path())).unwrap();
+    let policy = RetryPolicy {
+        max_attempts: 2,
+        retry_interval_ms: 1000,
+    };
+    for id in ["a", "b", "c"] {
+        insert(&store, message(id, b"x")).await.unwrap();
+    }
+    let record = |outcomes| async {
+        store
+            .record_outcomes(outcomes, policy)
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+    };
+    record(vec![PublishOutcome::Delivered { id: "a".into() }]).await;
+    let rejected = |id: &str| PublishOutcome::Rejected {
+        id: id.into(),
+        error: "312 NO_ROUTE".into(),
+    };
+    record(vec![rejected("b")]).await;
+    let b = store.reader().get("b").unwrap().unwrap();
+    assert_eq!((b.status, b.try_count), (Status::Delivering, 1));
+    assert!(b.next_try_time.unwrap() >= b.update_time.unwrap() + 1000);
+    record(vec![rejected("b")]).await;
+    let b = store.reader().get("b").unwrap().unwrap();
+    assert_eq!((b.status, b.try_count), (Status::Failed, 2));
+    assert_eq!(b.last_error.as_deref(), Some("312 NO_ROUTE"));
+    // The consumer settles c before its confirm arrives: 3 stays.
+    let verdict = store
+        .record_consumption(Consumption::Succeeded(delivered("c")))
+        .await
+        .unwrap();
+    assert_eq!(verdict, ConsumeVerdict::Ack);
+    record(vec![PublishOutcome::Delivered { id: "c".into() }]).await;
+    assert_eq!(
+        store.reader().status_of("c").unwrap(),
+        Some(Status::Consumed)
+    );
+    assert_eq!(
+        store.reader().status_of("a").unwrap(),
+        Some(Status::Delivered)
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn handler_failures_are_counted_in_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&config(dir.path())).unwrap();
+    let failed = |id: &str| Consumption::Failed {
+        delivery: delivered(id),
+        error: "exit 1".into(),
+        max_attempts: 2,
+    };
+    // A message this agent did not publish gets a row on first sight.
+    let v = store.record_consumption(failed("foreign")).await.unwrap();
+    assert_eq!(v, ConsumeVerdict::Requeue { attempts: 1 });
+    let row = store.reader().get("foreign").unwrap().unwrap();
+    assert_eq!(row.status, Status::Delivered);
+    assert_eq!(row.body, b"body");
+    let v = store.record_consumption(failed("foreign")).await.unwrap();
+    assert_eq!(v, ConsumeVerdict::GiveUp { attempts: 2 });
+    let row = store.reader().get("foreign").unwrap().unwrap();
+    assert_eq!(row.status, Status::Failed);
+    assert_eq!(row.last_error.as_deref(), Some("exit 1"));
+    store
+        .record_consumption(Consumption::Succeeded(delivered("new")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.reader().status_of("new").unwrap(),
+        Some(Status::Consumed)
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn purge_deletes_old_settled_rows_in_batches_never_delivering() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&config(dir.path())).unwrap();
+    // (id, status, age in days)
+    let rows = [
+        ("old-delivering", Status::Delivering, 400),
+        ("old-delivered", Status::Delivered, 40),
+        ("old-consumed", Status::Consumed, 40),
+        ("new-delivered", Status::Delivered, 1),
+        ("old-failed", Status::Failed, 40),
+        ("very-old-failed", Status::Failed, 100),
+        ("very-old-consumed", Status::Consumed, 100),
+    ];
+    for (id, _, _) in rows {
+        insert(&store, message(id, b"x")).await.unwrap();
+    }
+    let now = now_ms();
+    let db = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+    for (id, status, days) in rows {
+        db.execute(
+            "UPDATE msg_log SET status = ?2, create_time = ?3 WHERE id = ?1",
+            params![id, status, now - days * 86_400_000],
+        )
+        .unwrap();
+    }
+    let cutoffs = PurgeCutoffs {
+        settled_before: now - 30 * 86_400_000,
+        failed_before: now - 90 * 86_400_000,
+    };
+    let would = store.reader().purgeable(cutoffs).unwrap();
+    assert_eq!((would.delivered, would.failed, would.consumed), (1, 1, 2));
+    assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap().total(), 3);
+    assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap().total(), 1);
+    assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap().total(), 0);
+    let mut left: Vec<String> = store
+        .reader()
+        .list(None, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    left.sort();
+    assert_eq!(left, ["new-delivered", "old-delivering", "old-failed"]);
+    store.close().await;
+}

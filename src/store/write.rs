@@ -1,0 +1,387 @@
+//! The write SQL: every statement that changes `msg_log`, each run inside
+//! the writer's group transaction (or the CLI's own, `store/admin.rs`).
+//!
+//! Owns the insert of a submitted message, the publish outcomes, the
+//! consumer's results, the purge batch and the page reclaim.
+//!
+//! Invariants:
+//! - Statuses move only as docs/storage.md, Statuses and transitions, allows:
+//!   every `UPDATE` of `status` is guarded by the row's current status.
+//! - These functions never commit: the caller's transaction holds them, so a
+//!   failure anywhere in a group rolls all of it back.
+//! - The purge never deletes a delivering row (docs/purge.md).
+
+use rusqlite::{named_params, Connection, OptionalExtension, Transaction};
+
+use super::types::Move;
+use super::writer::Limits;
+use super::{
+    ConsumeVerdict, Consumption, Delivered, Inserted, NewMessage, PublishOutcome, PurgeCutoffs,
+    RetryPolicy, Status, StatusCounts, StoreError,
+};
+
+/// What a submitted message is born as.
+const SUBMITTED: Status = Status::Delivering;
+/// What a delivery this agent did not publish is born as: it is in the broker.
+const FOREIGN: Status = Status::Delivered;
+
+/// A broker ack. Forward only: a row the consumer already settled stays.
+pub(crate) const CONFIRMED: Move = Move::allowed(Status::Delivering, Status::Delivered);
+/// The failed attempt that reaches `publish.max_attempts`.
+pub(crate) const EXHAUSTED: Move = Move::allowed(Status::Delivering, Status::Failed);
+
+const INSERT_SQL: &str = "INSERT INTO msg_log (id, msg, exchange, routing_key, status, \
+     try_count, next_try_time, create_time, update_time, headers, content_type) \
+     VALUES (:id, :msg, :exchange, :routing_key, :status, 0, :now, :now, :now, :headers, \
+     :content_type) ON CONFLICT (id) DO NOTHING";
+/// [`CONFIRMED`].
+const DELIVERED_SQL: &str = "UPDATE msg_log SET status = :to, update_time = :now \
+     WHERE id = :id AND status = :from";
+/// A failed attempt: counted, explained, delayed `try_count × retry_interval`,
+/// failed for good at `max_attempts` ([`EXHAUSTED`]).
+const REJECTED_SQL: &str = "UPDATE msg_log SET try_count = try_count + 1, last_error = :error, \
+     next_try_time = :now + (try_count + 1) * :interval, update_time = :now, \
+     status = CASE WHEN try_count + 1 >= :max_attempts THEN :to ELSE status END \
+     WHERE id = :id AND status = :from RETURNING status";
+/// A consumer's verdict on a row; `from` is the status it was read with
+/// and `to` one [`TRANSITIONS`](super::types::TRANSITIONS) allows from it.
+const SETTLE_SQL: &str = "UPDATE msg_log SET status = :to, update_time = :now \
+     WHERE id = :id AND status = :from";
+
+/// Stores one message inside the group's transaction. The outer `Err` is a
+/// database failure (the group rolls back); the inner result is this
+/// message's answer (stored, duplicate, or refused for lack of room).
+pub(crate) fn insert_one(
+    tx: &Transaction<'_>,
+    message: NewMessage,
+    now: i64,
+    storage_refusal: Option<StoreError>,
+    delivering: &mut u64,
+    limits: Limits,
+) -> Result<Result<Inserted, StoreError>, StoreError> {
+    let refusal = storage_refusal.or_else(|| {
+        (*delivering >= limits.max_pending).then_some(StoreError::BufferFull {
+            delivering: *delivering,
+            max: limits.max_pending,
+        })
+    });
+    if let Some(refusal) = refusal {
+        // A duplicate of a stored message is still answered ok.
+        let mut exists = tx.prepare_cached("SELECT 1 FROM msg_log WHERE id = ?1")?;
+        return Ok(if exists.exists([&message.id])? {
+            Ok(Inserted { duplicate: true })
+        } else {
+            Err(refusal)
+        });
+    }
+    let mut insert = tx.prepare_cached(INSERT_SQL)?;
+    let changed = insert.execute(named_params! {
+        ":id": message.id,
+        ":msg": body_value(message.body),
+        ":exchange": message.exchange,
+        ":routing_key": message.routing_key,
+        ":status": SUBMITTED,
+        ":now": now,
+        ":headers": message.headers,
+        ":content_type": message.content_type,
+    })?;
+    if changed == 0 {
+        return Ok(Ok(Inserted { duplicate: true }));
+    }
+    *delivering += 1;
+    Ok(Ok(Inserted { duplicate: false }))
+}
+
+/// Records a handler's result. Returns the verdict and whether the row
+/// left delivering.
+pub(crate) fn record_consumption(
+    tx: &Transaction<'_>,
+    consumption: &Consumption,
+    now: i64,
+) -> Result<(ConsumeVerdict, bool), StoreError> {
+    let delivery = match consumption {
+        Consumption::Succeeded(d) | Consumption::Failed { delivery: d, .. } => d,
+    };
+    let found: Option<Status> = tx
+        .prepare_cached("SELECT status FROM msg_log WHERE id = ?1")?
+        .query_row([&delivery.id], |r| r.get(0))
+        .optional()?;
+    let status = match found {
+        Some(status) => status,
+        None => insert_foreign(tx, delivery, now)?,
+    };
+    match consumption {
+        Consumption::Succeeded(_) => {
+            let moved = settle(tx, &delivery.id, status, Status::Consumed, now)?;
+            Ok((ConsumeVerdict::Ack, moved && status == Status::Delivering))
+        }
+        Consumption::Failed {
+            error,
+            max_attempts,
+            ..
+        } => {
+            let attempts: i64 = tx
+                .prepare_cached(
+                    "UPDATE msg_log SET consume_count = consume_count + 1, last_error = ?2, \
+                     update_time = ?3 WHERE id = ?1 RETURNING consume_count",
+                )?
+                .query_row((&delivery.id, error, now), |r| r.get(0))?;
+            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            if attempts < *max_attempts {
+                return Ok((ConsumeVerdict::Requeue { attempts }, false));
+            }
+            let moved = settle(tx, &delivery.id, status, Status::Failed, now)?;
+            Ok((
+                ConsumeVerdict::GiveUp { attempts },
+                moved && status == Status::Delivering,
+            ))
+        }
+    }
+}
+
+/// Inserts the row of a delivery this agent did not publish; returns its
+/// status.
+fn insert_foreign(
+    tx: &Transaction<'_>,
+    delivery: &Delivered,
+    now: i64,
+) -> Result<Status, StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO msg_log (id, msg, exchange, routing_key, status, try_count, \
+         create_time, update_time, headers, content_type) \
+         VALUES (:id, :msg, :exchange, :routing_key, :status, 0, :now, :now, :headers, \
+         :content_type)",
+    )?
+    .execute(named_params! {
+        ":id": delivery.id,
+        ":msg": body_value(delivery.body.clone()),
+        ":exchange": delivery.exchange,
+        ":routing_key": delivery.routing_key,
+        ":status": FOREIGN,
+        ":now": now,
+        ":headers": delivery.headers,
+        ":content_type": delivery.content_type,
+    })?;
+    Ok(FOREIGN)
+}
+
+/// Moves row `id` from `from` (its status now) to `to` if the transition
+/// table allows it; a settled row stays as it is. Returns whether it moved.
+fn settle(
+    tx: &Transaction<'_>,
+    id: &str,
+    from: Status,
+    to: Status,
+    now: i64,
+) -> Result<bool, StoreError> {
+    if !from.can_move(to) {
+        return Ok(false);
+    }
+    let changed = tx.prepare_cached(SETTLE_SQL)?.execute(named_params! {
+        ":id": id,
+        ":from": from,
+        ":to": to,
+        ":now": now,
+    })?;
+    Ok(changed > 0)
+}
+
+/// Applies publish outcomes; returns how many rows left delivering.
+pub(crate) fn record_outcomes(
+    tx: &Transaction<'_>,
+    outcomes: &[PublishOutcome],
+    policy: RetryPolicy,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let mut delivered = tx.prepare_cached(DELIVERED_SQL)?;
+    let mut rejected = tx.prepare_cached(REJECTED_SQL)?;
+    let mut settled = 0u64;
+    for outcome in outcomes {
+        match outcome {
+            PublishOutcome::Delivered { id } => {
+                settled += delivered.execute(named_params! {
+                    ":id": id,
+                    ":from": CONFIRMED.from,
+                    ":to": CONFIRMED.to,
+                    ":now": now,
+                })? as u64;
+            }
+            PublishOutcome::Rejected { id, error } => {
+                let status: Option<Status> = rejected
+                    .query_row(
+                        named_params! {
+                            ":id": id,
+                            ":error": error,
+                            ":now": now,
+                            ":interval": policy.retry_interval_ms,
+                            ":max_attempts": i64::from(policy.max_attempts),
+                            ":from": EXHAUSTED.from,
+                            ":to": EXHAUSTED.to,
+                        },
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if status == Some(EXHAUSTED.to) {
+                    settled += 1;
+                }
+            }
+        }
+    }
+    Ok(settled)
+}
+
+/// The body as SQLite stores it: TEXT when it is UTF-8, else a BLOB.
+fn body_value(body: Vec<u8>) -> rusqlite::types::Value {
+    match String::from_utf8(body) {
+        Ok(text) => rusqlite::types::Value::Text(text),
+        Err(e) => rusqlite::types::Value::Blob(e.into_bytes()),
+    }
+}
+
+/// Deletes up to `limit` purgeable rows, oldest first; returns how many.
+pub(crate) fn purge_batch(
+    conn: &Connection,
+    cutoffs: PurgeCutoffs,
+    limit: u32,
+) -> Result<StatusCounts, StoreError> {
+    // Two index lookups rather than one OR: each walks the status index in
+    // rowid (age) order, so old rows are found first.
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM msg_log WHERE rowid IN ( \
+           SELECT rowid FROM msg_log WHERE status IN (:settled_a, :settled_b) \
+             AND create_time < :settled_before \
+           UNION ALL \
+           SELECT rowid FROM msg_log WHERE status = :failed AND create_time < :failed_before \
+           LIMIT :limit) RETURNING status",
+    )?;
+    let [settled_a, settled_b] = PurgeCutoffs::SETTLED;
+    let statuses = stmt.query_map(
+        named_params! {
+            ":settled_a": settled_a,
+            ":settled_b": settled_b,
+            ":settled_before": cutoffs.settled_before,
+            ":failed": PurgeCutoffs::FAILED,
+            ":failed_before": cutoffs.failed_before,
+            ":limit": limit,
+        },
+        |r| r.get::<_, Status>(0),
+    )?;
+    let mut deleted = StatusCounts::default();
+    for status in statuses {
+        deleted.add(status?, 1);
+    }
+    Ok(deleted)
+}
+
+/// Hands freed pages back to the filesystem (the database uses
+/// `auto_vacuum = INCREMENTAL`).
+pub(crate) fn reclaim(conn: &Connection) -> Result<(), StoreError> {
+    // Bounded, like the purge batches: a whole backlog of free pages at once
+    // would hold the write lock for as long as it takes to move them.
+    conn.execute_batch(&format!("PRAGMA incremental_vacuum({RECLAIM_PAGES})"))?;
+    Ok(())
+}
+
+/// Free pages handed back to the filesystem per step.
+const RECLAIM_PAGES: u32 = 2048;
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::params;
+
+    use super::{record_consumption, record_outcomes};
+    use crate::config::Synchronous;
+    use crate::store::open::open_writer_connection;
+    use crate::store::types::TRANSITIONS;
+    use crate::store::{
+        now_ms, Admin, Consumption, Delivered, PublishOutcome, RetryPolicy, Status,
+    };
+
+    fn delivered(id: &str) -> Delivered {
+        Delivered {
+            id: id.into(),
+            exchange: "ex".into(),
+            routing_key: "rk".into(),
+            body: b"body".to_vec(),
+            headers: None,
+            content_type: None,
+        }
+    }
+
+    /// Every write that changes a status, applied to a row in every status:
+    /// the SQL makes exactly the moves the transition table allows, and
+    /// each move of the table is made by some write.
+    #[test]
+    fn the_write_sql_agrees_with_the_transition_table() {
+        use std::collections::BTreeSet;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        let policy = RetryPolicy {
+            max_attempts: 1,
+            retry_interval_ms: 1000,
+        };
+        let give_up = |id: &str| Consumption::Failed {
+            delivery: delivered(id),
+            error: "exit 1".into(),
+            max_attempts: 1,
+        };
+        let writes = ["confirm", "reject", "consume", "give-up", "retry"];
+        let mut made = BTreeSet::new();
+        for from in Status::ALL {
+            for write in writes {
+                let id = format!("{from:?}-{write}");
+                conn.execute(
+                    "INSERT INTO msg_log (id, msg, status, create_time) VALUES (?1, 'x', ?2, ?3)",
+                    params![id, from, now_ms()],
+                )
+                .unwrap();
+                let tx = conn.transaction().unwrap();
+                let now = now_ms();
+                match write {
+                    "confirm" => {
+                        let confirmed = PublishOutcome::Delivered { id: id.clone() };
+                        record_outcomes(&tx, &[confirmed], policy, now).unwrap();
+                    }
+                    "reject" => {
+                        let rejected = PublishOutcome::Rejected {
+                            id: id.clone(),
+                            error: "nack".into(),
+                        };
+                        record_outcomes(&tx, &[rejected], policy, now).unwrap();
+                    }
+                    "consume" => {
+                        let ok = Consumption::Succeeded(delivered(&id));
+                        record_consumption(&tx, &ok, now).unwrap();
+                    }
+                    "give-up" => {
+                        record_consumption(&tx, &give_up(&id), now).unwrap();
+                    }
+                    _ => {}
+                }
+                tx.commit().unwrap();
+                if write == "retry" {
+                    Admin::open(&path)
+                        .unwrap()
+                        .retry(std::slice::from_ref(&id))
+                        .unwrap();
+                }
+                let to: Status = conn
+                    .query_row("SELECT status FROM msg_log WHERE id = ?1", [&id], |r| {
+                        r.get(0)
+                    })
+                    .unwrap();
+                if to != from {
+                    assert!(from.can_move(to), "{write} moved {from:?} to {to:?}");
+                    made.insert((from.code(), to.code()));
+                }
+            }
+        }
+        let table: BTreeSet<_> = TRANSITIONS
+            .iter()
+            .map(|t| (t.from.code(), t.to.code()))
+            .collect();
+        assert_eq!(made, table, "every allowed move is made by some write");
+    }
+}
