@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{BrokerError, Connector};
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 use crate::consume::Consumer;
 use crate::forward::{ForwardError, Forwarder, Resend};
 use crate::metrics::{report_source, Metrics, MetricsError, MetricsServer};
@@ -59,7 +59,12 @@ pub(crate) enum AppError {
 type TaskResult = (&'static str, Result<(), String>);
 
 /// Runs the agent until SIGTERM/SIGINT or a task failure.
-pub(crate) async fn run(config: Config) -> Result<(), AppError> {
+pub(crate) async fn run(mut config: Config) -> Result<(), AppError> {
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    // Before anything opens a descriptor the budget must account for.
+    crate::fd_limit::apply(&mut config);
     let mut terminate = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
@@ -260,25 +265,4 @@ fn task_failure(ended: Result<TaskResult, tokio::task::JoinError>) -> Option<App
             })
         }
     }
-}
-
-/// Sets up `tracing` for the agent: `RUST_LOG` wins over `log.level`; plain
-/// lines without timestamps under journald (it stamps them), JSON on request.
-pub(crate) fn init_logging(config: &crate::config::LogConfig) {
-    use tracing_subscriber::EnvFilter;
-    // lapin reports every returned message and channel close on its own;
-    // the forwarder logs them once, with the message id.
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(format!("{},lapin=error", config.level)))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let _ = match (config.format, under_journald) {
-        (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
-        (LogFormat::Auto, true) => builder.without_time().try_init(),
-        (LogFormat::Auto, false) => builder.try_init(),
-    };
 }

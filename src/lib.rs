@@ -30,15 +30,17 @@
 //! | [`status`] | the status report shared by the socket, the CLI and metrics |
 //! | [`metrics`] | Prometheus counters and gauges at `/metrics` |
 //! | [`digest`] | one log line per key and period for repeated events |
+//! | [`fd_limit`] | the descriptor budget: the soft limit raised, the connections clamped |
+//! | [`logging`] | where the log goes: journald's native protocol, stderr lines or JSON |
 //!
 //! One message, from socket to consumed: `submit::connection` reads the
 //! line, `submit::parse` turns it into a `store::NewMessage`, the
 //! `store::writer` thread commits it in a group and the connection answers
 //! `ok`; the writer wakes the forwarder, whose `forward::backlog` reads the
-//! row, `forward::ledger` lets it out, `forward::forwarder` publishes it and
-//! `forward::window` awaits the confirm, the store records status 1; `consume::consumer` receives the
-//! delivery, `consume::delivery` runs the handler and commits status 3
-//! through `store::write` before the ack.
+//! row, `forward::ledger` lets it out, `forward::forwarder` publishes it
+//! and `forward::window` awaits the confirm, the store records status 1;
+//! `consume::consumer` receives the delivery, `consume::delivery` runs the
+//! handler and commits status 3 through `store::write` before the ack.
 //!
 //! Everything but [`cli::main`] and a few [`store`] items (used by the test
 //! kit) is `pub(crate)`; `unreachable_pub` keeps it so.
@@ -51,7 +53,9 @@ pub mod cli;
 pub(crate) mod config;
 pub(crate) mod consume;
 pub(crate) mod digest;
+pub(crate) mod fd_limit;
 pub(crate) mod forward;
+pub(crate) mod logging;
 pub(crate) mod metrics;
 pub(crate) mod protocol;
 pub(crate) mod purge;

@@ -2,15 +2,19 @@
 //! lines over the size limits (`too_large`), a full buffer (`buffer_full`),
 //! full disks and the storage limits (`storage_full`), a database locked by
 //! someone else (`storage_error`), the idle timeout, the connection limit
-//! and the peer credential checks (`unauthorized`). docs/protocol.md (Error
-//! codes), docs/storage.md (Limits), docs/configuration.md.
+//! and the peer credential checks (`unauthorized`); the file descriptor
+//! limit (2,000 clients at once past a soft limit of 1024). docs/protocol.md
+//! (Error codes), docs/storage.md (Limits), docs/configuration.md,
+//! docs/operations.md (File descriptors).
 
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::json;
 
-use edge_outbox_testkit::{ok_id, refused, wait_until, Agent, Client, Status, Tmpfs};
+use edge_outbox_testkit::{
+    amqp, broker, ok_id, refused, wait_until, Agent, Cleanup, Client, Status, Tmpfs,
+};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_edge-outbox");
@@ -364,4 +368,258 @@ fn allowed_gid_admits_the_peer() {
         .set("submit", "allowed_gids", "[0]")
         .start();
     ok_id(&agent.client().submit("ex", "rk", json!(1)));
+}
+
+// ------------------------------------------------------ file descriptors
+
+/// Clients in the storm: twice the default soft limit.
+const STORM: usize = 2000;
+
+/// What one client of the storm got.
+enum Got {
+    Ok,
+    BufferFull(String),
+    Other(String),
+}
+
+/// Raises this test's own descriptor limit so it can hold the storm's
+/// sockets (root may raise the hard limit too).
+fn raise_own_fd_limit(want: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let hard = limit.maximum.map_or(want, |h| h.max(want));
+    let raised = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        },
+    );
+    let now = getrlimit(Resource::Nofile).current;
+    assert!(
+        now.is_some_and(|n| n >= want),
+        "this test needs {want} file descriptors; RLIMIT_NOFILE is {limit:?} and raising it \
+         failed ({raised:?}): run it as root or with a hard limit of at least {want}"
+    );
+}
+
+/// `STORM` clients connect at once, then each sends one submit to `queue`,
+/// reads one answer and keeps its connection open until every client has
+/// its answer: 2,000 connections at once, nobody leaving to make room.
+/// Every wait ends at the same deadline. Returns what each got.
+fn storm(socket: &std::path::Path, queue: &str) -> Vec<Got> {
+    use std::sync::Arc;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::UnixStream;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let rt = edge_outbox_testkit::rt();
+    rt.block_on(async {
+        let all_connected = Arc::new(tokio::sync::Barrier::new(STORM));
+        let all_answered = Arc::new(tokio::sync::Barrier::new(STORM));
+        let mut clients = tokio::task::JoinSet::new();
+        for i in 0..STORM {
+            let socket = socket.to_path_buf();
+            let all_connected = all_connected.clone();
+            let all_answered = all_answered.clone();
+            let line = format!(
+                "{}\n",
+                json!({"exchange": "", "routing_key": queue, "id": format!("storm-{i}"), "payload": i})
+            );
+            clients.spawn(async move {
+                let stream = loop {
+                    match UnixStream::connect(&socket).await {
+                        Ok(stream) => break stream,
+                        // The listen backlog is full: a real client retries.
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            if tokio::time::Instant::now() > deadline {
+                                return Got::Other(format!("connect: {e}"));
+                            }
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err(e) => return Got::Other(format!("connect: {e}")),
+                    }
+                };
+                if tokio::time::timeout_at(deadline, all_connected.wait())
+                    .await
+                    .is_err()
+                {
+                    return Got::Other("not all clients connected by the deadline".into());
+                }
+                let (read, mut write) = stream.into_split();
+                // A refused client may be closed before it writes: the
+                // answer is waiting to be read all the same.
+                let _ = write.write_all(line.as_bytes()).await;
+                let mut answer = String::new();
+                let mut read = BufReader::new(read);
+                let got = match tokio::time::timeout_at(deadline, read.read_line(&mut answer)).await {
+                    Err(_) => Got::Other("no answer by the deadline".into()),
+                    Ok(Err(e)) => Got::Other(format!("read: {e}")),
+                    Ok(Ok(0)) => Got::Other("closed without an answer".into()),
+                    Ok(Ok(_)) => {
+                        let value: serde_json::Value = match serde_json::from_str(&answer) {
+                            Ok(v) => v,
+                            Err(e) => return Got::Other(format!("{e}: {answer}")),
+                        };
+                        if value["ok"] == json!(true) {
+                            Got::Ok
+                        } else if value["error"] == json!("buffer_full") {
+                            Got::BufferFull(value["message"].as_str().unwrap_or("").to_string())
+                        } else {
+                            Got::Other(answer)
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout_at(deadline, all_answered.wait()).await;
+                drop((read, write));
+                got
+            });
+        }
+        let mut got = Vec::with_capacity(STORM);
+        while let Some(joined) = clients.join_next().await {
+            got.push(joined.unwrap_or_else(|e| Got::Other(format!("client task: {e}"))));
+        }
+        got
+    })
+}
+
+/// The storm, then what every client must have got: `ok` or `buffer_full`,
+/// nothing else, no silence. Returns how many were stored.
+fn assert_every_client_answered(got: &[Got]) -> usize {
+    let ok = got.iter().filter(|g| matches!(g, Got::Ok)).count();
+    let full: Vec<&String> = got
+        .iter()
+        .filter_map(|g| match g {
+            Got::BufferFull(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    let other: Vec<&str> = got
+        .iter()
+        .filter_map(|g| match g {
+            Got::Other(what) => Some(what.as_str()),
+            _ => None,
+        })
+        .collect();
+    eprintln!(
+        "{STORM} clients: {ok} ok, {} buffer_full, {} other",
+        full.len(),
+        other.len()
+    );
+    assert!(
+        other.is_empty(),
+        "{} clients got no proper answer, e.g. {:?}",
+        other.len(),
+        &other[..other.len().min(5)]
+    );
+    for message in full {
+        assert!(message.contains("too many connections"), "{message}");
+    }
+    assert!(ok > 0, "nobody was served");
+    ok
+}
+
+/// The soft and hard `RLIMIT_NOFILE` of a running process.
+fn open_files_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let mut words = line.split_whitespace().skip(3);
+    let soft = words.next().unwrap_or_default().to_string();
+    let hard = words.next().unwrap_or_default().to_string();
+    (soft, hard)
+}
+
+/// After the storm the broker connection still works: a message submitted
+/// now reaches the queue, beside the `stored` ones of the storm.
+fn assert_forwarding_still_works(agent: &Agent, url: &str, queue: &str, stored: usize) {
+    let rt = edge_outbox_testkit::rt();
+    let id = ok_id(&agent.client().submit("", queue, json!("after the storm")));
+    agent.wait_status(&id, Status::Delivered, Duration::from_secs(60));
+    wait_until(
+        "the storm's messages and the last one in the queue",
+        Duration::from_secs(60),
+        || rt.block_on(amqp::queue_len(url, queue)) as usize == stored + 1,
+    );
+    assert_eq!(agent.count_status(Status::Failed), 0);
+}
+
+/// Outside systemd the soft limit is 1024, the default
+/// `submit.max_connections`: the agent raises it to the hard limit, so
+/// 2,000 clients at once are each answered and the broker link survives.
+#[test]
+fn two_thousand_clients_past_a_soft_limit_of_1024_are_all_answered() {
+    raise_own_fd_limit(3 * STORM as u64);
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(amqp::unique("fd-storm"));
+    edge_outbox_testkit::rt().block_on(amqp::declare_queue(&url, &queue));
+    let agent = Agent::builder(BIN)
+        .forwarding_to(&url)
+        .fd_limit(1024, 4096)
+        .start();
+    assert_eq!(
+        open_files_limit(agent.pid()),
+        ("4096".to_string(), "4096".to_string()),
+        "the soft limit is raised to the hard one"
+    );
+    let got = storm(&agent.socket, &queue);
+    let stored = assert_every_client_answered(&got);
+    assert_eq!(
+        stored, 1024,
+        "the default submit.max_connections (1024) fits, and no more are served at once"
+    );
+    let log = agent.log_text();
+    assert!(!log.contains("does not fit"), "{log}");
+    assert!(!log.contains("out of file descriptors"), "{log}");
+    assert_forwarding_still_works(&agent, &url, &queue, stored);
+}
+
+/// With a hard limit of 1024 too, `submit.max_connections` is clamped below
+/// it (a warning names both numbers); the clients past it are answered
+/// `buffer_full`, and the reserve keeps the broker link working.
+#[test]
+fn a_hard_limit_of_1024_clamps_the_connections_and_keeps_the_broker_link() {
+    raise_own_fd_limit(3 * STORM as u64);
+    let url = broker::default_url();
+    let mut cleanup = Cleanup::new(&url);
+    let queue = cleanup.queue(amqp::unique("fd-clamp"));
+    edge_outbox_testkit::rt().block_on(amqp::declare_queue(&url, &queue));
+    let agent = Agent::builder(BIN)
+        .forwarding_to(&url)
+        .fd_limit(1024, 1024)
+        .start();
+    let log = agent.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("does not fit the file descriptor limit"))
+        .unwrap_or_else(|| panic!("no clamp warning: {log}"));
+    assert!(
+        warning.contains("submit.max_connections = 1024") && warning.contains("RLIMIT_NOFILE 1024"),
+        "{warning}"
+    );
+    let allowed: usize = warning
+        .split("serving at most ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no clamped number in: {warning}"));
+    assert!(allowed < 1024 && allowed > 900, "{warning}");
+
+    let got = storm(&agent.socket, &queue);
+    let stored = assert_every_client_answered(&got);
+    assert!(
+        stored >= allowed,
+        "{stored} served, {allowed} allowed at once"
+    );
+    assert!(
+        got.iter().any(|g| matches!(g, Got::BufferFull(m)
+            if m.contains(&format!("submit.max_connections = {allowed}")))),
+        "the clients past the clamped limit are told so"
+    );
+    assert_forwarding_still_works(&agent, &url, &queue, stored);
+    let log = agent.log_text();
+    assert!(!log.contains("Too many open files"), "{log}");
 }

@@ -10,14 +10,18 @@ use std::time::{Duration, Instant};
 
 use edge_outbox_testkit::amqp;
 use edge_outbox_testkit::broker;
+use edge_outbox_testkit::cli::run_bin;
 use edge_outbox_testkit::consumer::{
     self, lines, sh_path, wait_consuming, wait_queue_settled, Reaper,
 };
 use edge_outbox_testkit::db::get_status;
+use edge_outbox_testkit::journal::JournalEntry;
 use edge_outbox_testkit::metrics::{free_port, sample, scrape};
 use edge_outbox_testkit::prefill::{prefill_database, PrefillRow};
 use edge_outbox_testkit::tls::{make_certificates, TlsListener};
-use edge_outbox_testkit::{ok_id, refused, rt, wait_until, Agent, Cleanup, NotifySocket, Status};
+use edge_outbox_testkit::{
+    ok_id, refused, rt, wait_until, Agent, Cleanup, JournalSocket, NotifySocket, Status,
+};
 use serde_json::{json, Value};
 
 /// The binary under test.
@@ -471,6 +475,71 @@ fn the_log_names_the_socket_and_database() {
     assert!(!log.contains("guest:guest"), "{log}");
 }
 
+/// Under journald (stderr is the stream `JOURNAL_STREAM` names) the agent
+/// speaks journald's native protocol: a warning is priority 4, an info line
+/// 5, and the event's fields are journal fields. Without a reachable
+/// journal it says so once and logs to stderr.
+#[test]
+fn under_journald_entries_carry_their_priority_and_fields() {
+    let mut journal = JournalSocket::bind();
+    let mut agent = Agent::builder(BIN).prepare();
+    let stream = agent.log_stream();
+    agent.set_env("JOURNAL_STREAM", &stream);
+    agent.restart();
+    let socket = agent.socket.display().to_string();
+    let is_ready = |e: &JournalEntry| e.get("MESSAGE").as_deref() == Some("edge-outbox ready");
+    let is_unreachable =
+        |e: &JournalEntry| e.get("MESSAGE").as_deref() == Some("cannot connect to the broker");
+    let entries = journal.collect_until("the ready line and a broker warning", DEADLINE, |es| {
+        es.iter().any(is_ready) && es.iter().any(is_unreachable)
+    });
+    let ready = entries.iter().find(|e| is_ready(e)).expect("ready");
+    assert_eq!(ready.get("PRIORITY").as_deref(), Some("5"), "{ready:?}");
+    assert_eq!(ready.get("EO_SOCKET"), Some(socket.clone()), "{ready:?}");
+    assert_eq!(
+        ready.get("SYSLOG_IDENTIFIER").as_deref(),
+        Some("edge-outbox"),
+        "{ready:?}"
+    );
+    let warning = entries.iter().find(|e| is_unreachable(e)).expect("warning");
+    assert_eq!(warning.get("PRIORITY").as_deref(), Some("4"), "{warning:?}");
+    assert_eq!(
+        warning.get("EO_ROLE").as_deref(),
+        Some("publisher"),
+        "{warning:?}"
+    );
+    let broker = warning.get("EO_BROKER").unwrap_or_default();
+    assert!(broker.contains("127.0.0.1:1"), "{warning:?}");
+    assert!(!broker.contains("guest:guest"), "{warning:?}");
+    // Nothing went to stderr: the journal has it all.
+    agent.terminate();
+    assert!(agent.wait_exit(DEADLINE).success());
+    let log = agent.log_text();
+    assert!(!log.contains("ready"), "{log}");
+
+    // stderr redirected elsewhere (the variable names another stream):
+    // plain lines on stderr, with timestamps.
+    agent.set_env("JOURNAL_STREAM", "0:0");
+    agent.restart();
+    wait_until("the ready line on stderr", DEADLINE, || {
+        agent.log_text().contains("edge-outbox ready")
+    });
+    agent.terminate();
+    assert!(agent.wait_exit(DEADLINE).success());
+
+    // The journal unreachable: said once on stderr, then the log goes there.
+    journal.remove();
+    agent.set_env("JOURNAL_STREAM", &stream);
+    agent.restart();
+    wait_until(
+        "the ready line on stderr after the fallback",
+        DEADLINE,
+        || agent.log_text().matches("edge-outbox ready").count() == 2,
+    );
+    let log = agent.log_text();
+    assert_eq!(log.matches("cannot reach journald").count(), 1, "{log}");
+}
+
 // -------------------------------------------------------------------- TLS
 
 #[test]
@@ -665,4 +734,119 @@ fn purging_a_million_rows_stalls_submits_only_briefly() {
         worst < Duration::from_millis(500),
         "a submit waited {worst:?}"
     );
+}
+
+// --------------------------------------------------- configuration and CLI
+
+/// A confirm timeout within two heartbeats (or no heartbeat) is allowed,
+/// with a warning: `check-config` prints it and exits 0, `run` logs it.
+#[test]
+fn a_confirm_timeout_within_two_heartbeats_is_warned_of_not_refused() {
+    let mut agent = Agent::builder(BIN)
+        .set_str("publish", "confirm_timeout", "10s")
+        .prepare();
+    let out = agent.cli(&["check-config"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.starts_with("configuration OK"), "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "warning: publish.confirm_timeout (10s) is not more than twice broker.heartbeat (10s)"
+        ),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("liveness probe"), "{out:?}");
+    agent.restart();
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("publish.confirm_timeout (10s)")),
+        "{log}"
+    );
+    // No heartbeat at all.
+    let agent = Agent::builder(BIN)
+        .set_str("broker", "heartbeat", "0s")
+        .prepare();
+    let out = agent.cli(&["check-config"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("broker.heartbeat is 0"), "{out:?}");
+    // The defaults warn of nothing.
+    let out = Agent::builder(BIN).prepare().cli(&["check-config"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(!out.stderr.contains("warning"), "{out:?}");
+}
+
+/// `list`, `show` and `status` (no agent) on a database they cannot open
+/// fail within 2 s, exit 1, with the real cause; `run` reports a corrupt
+/// file as before and leaves it untouched.
+#[test]
+fn the_cli_fails_at_once_with_the_cause_on_a_database_it_cannot_open() {
+    let agent = Agent::builder(BIN).prepare();
+    let garbage = vec![0x42u8; 8192];
+    std::fs::write(&agent.db, &garbage).expect("writing garbage");
+    for args in [
+        &["list"][..],
+        &["show", "some-id"],
+        &["status"],
+        &["purge", "--dry-run"],
+    ] {
+        let start = Instant::now();
+        let out = agent.cli(args);
+        let took = start.elapsed();
+        assert_eq!(out.code, 1, "{args:?}: {out:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{args:?} took {took:?}: {out:?}"
+        );
+        assert!(out.stderr.contains("is corrupt"), "{args:?}: {out:?}");
+        assert!(out.stderr.contains("not a database"), "{args:?}: {out:?}");
+    }
+    let out = agent.cli(&["run"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("is corrupt"), "{out:?}");
+    assert!(out.stderr.contains("left untouched"), "{out:?}");
+    assert_eq!(std::fs::read(&agent.db).expect("the file"), garbage);
+
+    // A database this user may not read: as root, the CLI runs as nobody.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mode = |path: &std::path::Path, bits: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(bits)).expect("chmod");
+    };
+    mode(dir.path(), 0o755);
+    let db = dir.path().join("private.db");
+    let conn = rusqlite::Connection::open(&db).expect("a database");
+    edge_outbox::store::apply_schema(&conn).expect("schema");
+    drop(conn);
+    mode(&db, 0o000);
+    let config = dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\npath = {}\n[submit]\nsocket = {}\n",
+            edge_outbox_testkit::toml_str(db.to_string_lossy()),
+            edge_outbox_testkit::toml_str(dir.path().join("none.sock").to_string_lossy())
+        ),
+    )
+    .expect("config");
+    mode(&config, 0o644);
+    let config = config.to_string_lossy().into_owned();
+    for command in ["list", "status"] {
+        let mut cmd = Command::new(BIN);
+        if rustix::process::geteuid().is_root() {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(65534).gid(65534);
+        }
+        let start = Instant::now();
+        let out = run_bin(cmd, dir.path(), &[command, "-c", &config], b"");
+        let took = start.elapsed();
+        assert_eq!(out.code, 1, "{command}: {out:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{command} took {took:?}: {out:?}"
+        );
+        assert!(
+            out.stderr.contains("Permission denied"),
+            "{command}: {out:?}"
+        );
+    }
 }

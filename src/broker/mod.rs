@@ -137,7 +137,9 @@ pub(crate) fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>,
                 uri.authority.userinfo.password = p.clone();
             }
             if uri.query.heartbeat.is_none() {
-                uri.query.heartbeat = Some(config.heartbeat.as_secs().clamp(1, 65_535) as u16);
+                // 0 turns heartbeats off, as AMQP defines it: a partition is then
+                // noticed by the forwarder's liveness probe (docs/forwarding.md).
+                uri.query.heartbeat = Some(config.heartbeat.as_secs().min(65_535) as u16);
             }
             Ok(BrokerTarget {
                 uri,

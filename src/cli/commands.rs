@@ -20,7 +20,7 @@ use crate::store::{Admin, Reader, Status};
 
 /// `run`: the agent in the foreground until a signal.
 pub(super) fn run(config: Config) -> anyhow::Result<ExitCode> {
-    crate::app::init_logging(&config.log);
+    crate::logging::init(&config.log);
     match runtime()?.block_on(crate::app::run(config)) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // A password or TLS file that cannot be read is a
@@ -33,8 +33,12 @@ pub(super) fn run(config: Config) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `check-config`: the effective configuration, passwords redacted.
+/// `check-config`: the effective configuration, passwords redacted; the
+/// warnings on stderr (stdout stays the configuration).
 pub(super) fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
+    for warning in config.warnings() {
+        eprintln!("edge-outbox: warning: {warning}");
+    }
     out!("configuration OK");
     out!("{}", effective_config(config)?.trim_end());
     Ok(ExitCode::SUCCESS)

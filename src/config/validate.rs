@@ -7,14 +7,20 @@
 //! refused earlier, at deserialization ([`super::values`]); what is left is
 //! here.
 //!
+//! Also the warnings ([`Config::warnings`]): values that are allowed but
+//! probably not meant (docs/configuration.md, Warnings). `check-config`
+//! prints them, `run` logs them at WARN; neither refuses.
+//!
 //! Invariants:
 //! - Every error names its key, with the same words as the table of
 //!   docs/configuration.md ("must be more than 0").
 //! - A URL in an error is redacted ([`redact_url`]).
 
+use std::time::Duration;
+
 use super::{
-    invalid, redact_url, BrokerConfig, Config, ConfigError, ConsumerConfig, HandlerKind,
-    PublishConfig, SubmitConfig,
+    format_duration, invalid, redact_url, BrokerConfig, Config, ConfigError, ConsumerConfig,
+    HandlerKind, PublishConfig, SubmitConfig,
 };
 
 impl Config {
@@ -38,6 +44,72 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// What is allowed but probably not what the operator wants: each a
+    /// sentence that names its keys and says what follows from it.
+    pub(crate) fn warnings(&self) -> Vec<String> {
+        heartbeat_warnings(&self.broker, &self.publish)
+    }
+}
+
+/// The heartbeats the agent asks for, each with the key that sets it: the
+/// URLs' own `?heartbeat=`, and `broker.heartbeat` when a URL has none.
+fn heartbeats(b: &BrokerConfig) -> Vec<(String, u64)> {
+    let mut asked: Vec<(String, u64)> = Vec::new();
+    let mut key_used = false;
+    for (i, url) in b.urls.iter().enumerate() {
+        // The URLs were checked in `validate`; one that does not parse
+        // asks for nothing of its own.
+        match url
+            .parse::<lapin::uri::AMQPUri>()
+            .ok()
+            .and_then(|u| u.query.heartbeat)
+        {
+            Some(h) => asked.push((format!("the ?heartbeat= of broker.urls[{i}]"), u64::from(h))),
+            None => key_used = true,
+        }
+    }
+    if key_used {
+        asked.insert(0, ("broker.heartbeat".to_string(), b.heartbeat.as_secs()));
+    }
+    asked
+}
+
+/// A peer that misses two heartbeats is dead: with a confirm timeout no
+/// longer than that, or no heartbeat at all, a silent partition is first
+/// seen as unconfirmed publishes (docs/configuration.md, Warnings).
+fn heartbeat_warnings(b: &BrokerConfig, p: &PublishConfig) -> Vec<String> {
+    let timeout = p.confirm_timeout;
+    let shown = format_duration(timeout);
+    let probe = "the agent then relies on its liveness probe: an unconfirmed publish is \
+                 charged an attempt only if the connection proved alive after it, else the \
+                 connection is closed and nothing is charged";
+    heartbeats(b)
+        .into_iter()
+        .filter_map(|(key, secs)| {
+            if secs == 0 {
+                return Some(format!(
+                    "{key} is 0 (no heartbeat): a silent network partition is noticed only by \
+                     publish.confirm_timeout ({shown}); {probe}. Set a heartbeat (the default \
+                     is 10s)"
+                ));
+            }
+            let detection = Duration::from_secs(secs.saturating_mul(2));
+            (timeout <= detection).then(|| {
+                format!(
+                    "publish.confirm_timeout ({shown}) is not more than twice {key} ({}): a \
+                     silent network partition is noticed by a confirm timeout before the \
+                     heartbeat notices it (after about {}); {probe}. Set \
+                     publish.confirm_timeout above {} to let the heartbeat notice first",
+                    format_duration(Duration::from_secs(secs)),
+                    format_duration(detection),
+                    format_duration(detection),
+                )
+            })
+        })
+        .collect()
 }
 
 fn validate_submit(s: &SubmitConfig) -> Result<(), ConfigError> {
@@ -122,6 +194,60 @@ fn validate_consumer(c: &ConsumerConfig) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::super::load_from;
+
+    fn warnings(text: &str) -> Vec<String> {
+        match load_from(Some(text), "f", &[]) {
+            Ok(config) => config.warnings(),
+            Err(e) => panic!("refused: {e}"),
+        }
+    }
+
+    #[test]
+    fn the_defaults_warn_of_nothing() {
+        assert_eq!(warnings(""), Vec::<String>::new());
+        // Strictly more than twice the heartbeat is fine.
+        assert!(warnings("[publish]\nconfirm_timeout = \"21s\"\n").is_empty());
+    }
+
+    #[test]
+    fn a_confirm_timeout_within_two_heartbeats_warns_and_names_both_keys() {
+        let w = warnings("[publish]\nconfirm_timeout = \"20s\"\n");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "publish.confirm_timeout (20s) is not more than twice broker.heartbeat (10s)"
+            ),
+            "{w:?}"
+        );
+        assert!(w[0].contains("liveness probe"), "{w:?}");
+        assert!(w[0].contains("above 20s"), "{w:?}");
+    }
+
+    #[test]
+    fn no_heartbeat_warns_from_the_key_or_the_url_that_turns_it_off() {
+        let w = warnings("[broker]\nheartbeat = \"0s\"\n");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("broker.heartbeat is 0 (no heartbeat)"),
+            "{w:?}"
+        );
+        assert!(w[0].contains("liveness probe"), "{w:?}");
+        // A URL's own heartbeat replaces the key's: the key is not used.
+        let w = warnings(
+            "[broker]\nheartbeat = \"0s\"\nurls = [\"amqp://h/%2f?heartbeat=5\", \"amqp://g/%2f?heartbeat=0\"]\n",
+        );
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("the ?heartbeat= of broker.urls[1] is 0"),
+            "{w:?}"
+        );
+        let w = warnings("[broker]\nurls = [\"amqp://h/%2f?heartbeat=20\"]\n");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("twice the ?heartbeat= of broker.urls[0] (20s)"),
+            "{w:?}"
+        );
+    }
 
     fn refused(text: &str) -> String {
         match load_from(Some(text), "f", &[]) {

@@ -10,12 +10,19 @@
 //!   committed state, never a group in progress.
 //! - Opening a reader never creates a database: no file is
 //!   [`StoreError::Missing`] (the CLI must not create one by looking).
+//! - Opening a reader fails at once with the real cause when the file cannot
+//!   be read (permission denied, not a database, corrupt): one connection is
+//!   opened and read before the pool is built, because the pool itself
+//!   retries a failing connection until its timeout and then reports only
+//!   "timed out" (docs/cli.md, Exit codes: the CLI fails within 2 s).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{named_params, params, OpenFlags, OptionalExtension};
+use rusqlite::{named_params, params, Connection, OpenFlags, OptionalExtension};
 
+use super::error::open_error;
 use super::open::BUSY_TIMEOUT;
 use super::{OutgoingRow, PurgeCutoffs, Row, Status, StatusCounts, StoreError};
 
@@ -84,18 +91,60 @@ fn count_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Status, u64)> {
     Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64))
 }
 
-impl Reader {
-    /// Opens read-only connections on an existing database.
-    pub(crate) fn open(path: &Path) -> Result<Reader, StoreError> {
-        if !path.exists() {
-            return Err(StoreError::Missing(path.to_path_buf()));
+/// Opens one connection as the pool would and reads the schema, so that a
+/// file that cannot be read fails here, with its cause.
+fn probe(path: &Path) -> Result<(), StoreError> {
+    match std::fs::metadata(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::Missing(path.to_path_buf()))
         }
+        // Permission denied on the directory: say so, not "no database".
+        Err(e) => return Err(open_error(path, e)),
+    }
+    // SQLite says only "unable to open database file"; the OS says why.
+    std::fs::File::open(path).map_err(|e| open_error(path, e))?;
+    let conn = Connection::open_with_flags(path, READ_FLAGS).map_err(|e| open_error(path, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // The first read checks the header (garbage is "not a database") and
+    // parses the schema (a damaged one is "malformed").
+    conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map_err(|e| match StoreError::from(e) {
+        StoreError::Corrupt { details, .. } => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            details,
+        },
+        other => open_error(path, other),
+    })?;
+    Ok(())
+}
+
+/// How the reader's connections are opened: read-only, each used by one
+/// thread at a time.
+const READ_FLAGS: OpenFlags =
+    OpenFlags::SQLITE_OPEN_READ_ONLY.union(OpenFlags::SQLITE_OPEN_NO_MUTEX);
+
+/// How long a query waits for a free pooled connection. Longer than
+/// [`BUSY_TIMEOUT`], so a pooled connection stuck behind the write lock is
+/// reported as busy by SQLite, not as a pool timeout; shorter than r2d2's
+/// 30 s, so a database that becomes unreadable while the agent runs is
+/// reported within seconds.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+
+impl Reader {
+    /// Opens read-only connections on an existing database; the file's
+    /// problem, if it has one, is the error (see the invariants above).
+    pub(crate) fn open(path: &Path) -> Result<Reader, StoreError> {
+        probe(path)?;
         let manager = SqliteConnectionManager::file(path)
-            .with_flags(OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .with_flags(READ_FLAGS)
             .with_init(|c| c.busy_timeout(BUSY_TIMEOUT));
         let pool = r2d2::Pool::builder()
             .max_size(4)
             .min_idle(Some(0))
+            .connection_timeout(POOL_WAIT)
             .build(manager)?;
         Ok(Reader {
             path: path.to_path_buf(),
@@ -310,6 +359,36 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    /// The pool alone retried a bad file for 30 s and then said "timed
+    /// out"; opening says what is wrong at once.
+    #[test]
+    fn a_file_that_cannot_be_read_fails_at_once_with_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, vec![0x42u8; 8192]).unwrap();
+        let missing = dir.path().join("missing.db");
+        let cases: [(&Path, &str); 3] = [
+            (&garbage, "is corrupt"),
+            (&missing, "no database at"),
+            (dir.path(), "cannot open database"),
+        ];
+        for (path, cause) in cases {
+            let start = std::time::Instant::now();
+            let err = Reader::open(path).map(|_| ()).unwrap_err();
+            assert!(start.elapsed() < Duration::from_secs(1), "{err}");
+            assert!(err.to_string().contains(cause), "{}: {err}", path.display());
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
+        }
+        assert!(matches!(
+            Reader::open(&garbage).map(|_| ()).unwrap_err(),
+            StoreError::Corrupt { .. }
+        ));
+        assert_eq!(std::fs::read(&garbage).unwrap(), vec![0x42u8; 8192]);
     }
 
     /// The forwarder's page walks the status index in rowid order; binding

@@ -1,7 +1,8 @@
 //! Connection: serving one client of the submit socket.
 //!
-//! Role: admit the client (a free connection slot, then its peer
-//! credentials against `submit.allowed_uids` / `submit.allowed_gids`), read
+//! Role: admit the client (it comes with a connection slot; its peer
+//! credentials are checked against `submit.allowed_uids` /
+//! `submit.allowed_gids`), read
 //! its request lines, hand each submit to the store at once, and write the
 //! answers back in request order.
 //!
@@ -56,7 +57,7 @@ impl From<&StoreError> for Refusal {
 
 impl Shared {
     /// The answer line for a submit, counted in the metrics.
-    fn answer(&self, answer: &SubmitAnswer) -> Vec<u8> {
+    pub(super) fn answer(&self, answer: &SubmitAnswer) -> Vec<u8> {
         match answer {
             Answer::Ok(accepted) if accepted.duplicate => {
                 self.metrics.submits_duplicate.inc();
@@ -78,14 +79,14 @@ enum PendingAnswer {
 }
 
 /// Serves one accepted connection to its end. `permit` is its connection
-/// slot, `None` when all are taken.
+/// slot (a client without one is answered by the accept loop).
 pub(super) async fn serve(
     stream: UnixStream,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: OwnedSemaphorePermit,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    let refusal = admission(&stream, permit.is_some(), &shared.config);
+    let refusal = admission(&stream, &shared.config);
     let (read_half, write_half) = stream.into_split();
     let (answers, queued) = mpsc::channel(PIPELINE_DEPTH);
     let idle = shared.config.idle_timeout;
@@ -102,16 +103,7 @@ pub(super) async fn serve(
 }
 
 /// Why the client may not be served, if it may not.
-fn admission(stream: &UnixStream, has_slot: bool, config: &SubmitConfig) -> Option<Refusal> {
-    if !has_slot {
-        return Some(Refusal::new(
-            ErrorCode::BufferFull,
-            format!(
-                "too many connections (submit.max_connections = {})",
-                config.max_connections
-            ),
-        ));
-    }
+fn admission(stream: &UnixStream, config: &SubmitConfig) -> Option<Refusal> {
     match stream.peer_cred() {
         Ok(cred) if !authorized(config, cred.uid(), cred.gid()) => {
             tracing::warn!(

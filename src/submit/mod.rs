@@ -31,8 +31,14 @@
 //!   anything: lines are bounded (`submit.max_message_size` sets the limit),
 //!   idle and non-reading clients are dropped after `submit.idle_timeout`,
 //!   connections beyond `submit.max_connections` are answered `buffer_full`
-//!   and closed; a transient accept failure (out of descriptors) pauses the
-//!   loop instead of ending it.
+//!   and closed by the accept loop itself (one descriptor, for one write).
+//! - No client waits unanswered for a descriptor: when `accept` fails with
+//!   `EMFILE`/`ENFILE` the loop closes a spare descriptor it keeps for that,
+//!   accepts the client, answers `buffer_full` and closes it, then takes
+//!   the spare back. `submit.max_connections` is clamped at start so that
+//!   this stays the exception (crate::fd_limit; docs/operations.md, File
+//!   descriptors). Other transient accept failures pause the loop instead
+//!   of ending it.
 //! - On shutdown the listener closes and the socket file goes first; lines
 //!   already read are answered, later ones get `shutting_down`; the server
 //!   returns when every connection has ended.
@@ -41,12 +47,13 @@ mod connection;
 mod lines;
 mod parse;
 
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -54,6 +61,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::SubmitConfig;
 use crate::metrics::Metrics;
+use crate::protocol::{Answer, ErrorCode, Refusal};
 use crate::status::StatusReport;
 use crate::store::Store;
 
@@ -162,21 +170,43 @@ impl SubmitServer {
         let SubmitServer { socket, shared } = self;
         let slots = Arc::new(Semaphore::new(shared.config.max_connections.get()));
         let connections = TaskTracker::new();
+        let mut spare = Spare::open();
+        let mut starved = Starved::default();
         let result = loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 accepted = socket.listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, _)) => {
-                    // No slot left: the connection is still served, to be
-                    // told why it is refused.
-                    let permit = slots.clone().try_acquire_owned().ok();
-                    let shared = shared.clone();
-                    let shutdown = shutdown.clone();
-                    connections.spawn(connection::serve(stream, permit, shared, shutdown));
+                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let shared = shared.clone();
+                        let shutdown = shutdown.clone();
+                        connections.spawn(connection::serve(stream, permit, shared, shutdown));
+                    }
+                    Err(_) => refuse_now(stream, &shared, too_many_connections(&shared.config)),
+                },
+                // No descriptor for the next client: free the spare, take
+                // the client with it, answer and close it, take the spare
+                // back. The client learns why; it never waits in the backlog.
+                Err(e) if is_out_of_descriptors(&e) => {
+                    let answered = match spare.release() {
+                        true => match socket.listener.accept().now_or_never() {
+                            Some(Ok((stream, _))) => {
+                                refuse_now(stream, &shared, out_of_descriptors());
+                                true
+                            }
+                            _ => false,
+                        },
+                        false => false,
+                    };
+                    spare = Spare::open();
+                    starved.note(&e, answered);
+                    if !answered {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
-                // Out of file descriptors and the like: the agent lives on.
+                // Out of memory and the like: the agent lives on.
                 Err(e) if is_transient_accept_error(&e) => {
                     tracing::warn!(error = %e, "accept failed, pausing briefly");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -197,10 +227,94 @@ impl SubmitServer {
     }
 }
 
+/// The answer to a client beyond `submit.max_connections`.
+fn too_many_connections(config: &SubmitConfig) -> Refusal {
+    Refusal::new(
+        ErrorCode::BufferFull,
+        format!(
+            "too many connections (submit.max_connections = {})",
+            config.max_connections
+        ),
+    )
+}
+
+/// The answer to a client accepted with the spare descriptor.
+fn out_of_descriptors() -> Refusal {
+    Refusal::new(
+        ErrorCode::BufferFull,
+        "too many connections: the agent is out of file descriptors",
+    )
+}
+
+/// Answers a client that gets no connection slot and closes it, here in
+/// the accept loop: it holds its descriptor only for one write, so refused
+/// clients never use descriptors beyond the reserve (crate::fd_limit). The
+/// request is not read (docs/decisions/0004-connection-limit-answer.md).
+fn refuse_now(stream: tokio::net::UnixStream, shared: &Shared, refusal: Refusal) {
+    let line = shared.answer(&Answer::Refused(refusal));
+    // A new connection's send buffer is empty: a line this short fits, so
+    // a non-blocking write either takes it whole or the client is gone.
+    if let Ok(stream) = stream.into_std() {
+        let _ = (&stream).write(&line);
+    }
+}
+
+/// One descriptor held open (on `/dev/null`) for the moment the process has
+/// none left: closing it lets the accept loop take one client to answer.
+struct Spare(Option<std::fs::File>);
+
+impl Spare {
+    fn open() -> Spare {
+        Spare(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Closes the spare; `false` when there was none to close.
+    fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+}
+
+/// Running out of descriptors, reported at most once per [`STARVED_REPORT`]
+/// with how many clients were answered `buffer_full` for it meanwhile.
+#[derive(Default)]
+struct Starved {
+    last_report: Option<Instant>,
+    answered: u64,
+}
+
+const STARVED_REPORT: Duration = Duration::from_secs(10);
+
+impl Starved {
+    fn note(&mut self, error: &io::Error, answered: bool) {
+        self.answered += u64::from(answered);
+        if self
+            .last_report
+            .is_some_and(|at| at.elapsed() < STARVED_REPORT)
+        {
+            return;
+        }
+        tracing::warn!(
+            error = %error,
+            refused = self.answered,
+            "out of file descriptors: clients are answered buffer_full and closed \
+             (submit.max_connections is clamped to the limit at start; something else holds descriptors)"
+        );
+        self.last_report = Some(Instant::now());
+        self.answered = 0;
+    }
+}
+
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc_codes::EMFILE | libc_codes::ENFILE)
+    )
+}
+
 fn is_transient_accept_error(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc_codes::EMFILE | libc_codes::ENFILE | libc_codes::ENOBUFS | libc_codes::ENOMEM)
+        Some(libc_codes::ENOBUFS | libc_codes::ENOMEM)
     ) || matches!(
         e.kind(),
         io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted

@@ -41,6 +41,8 @@ pub struct Agent {
     /// The `edge-outbox` binary (for `run` and the CLI commands).
     pub(crate) bin: PathBuf,
     pub(crate) env: Vec<(String, String)>,
+    /// `RLIMIT_NOFILE` (soft, hard) for the agent's processes.
+    pub(crate) fd_limit: Option<(u64, u64)>,
     pub(crate) child: Option<Child>,
 }
 
@@ -75,7 +77,41 @@ impl Agent {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        if let Some((soft, hard)) = self.fd_limit {
+            use rustix::process::{setrlimit, Resource, Rlimit};
+            use std::os::unix::process::CommandExt;
+            let limit = Rlimit {
+                current: Some(soft),
+                maximum: Some(hard),
+            };
+            // SAFETY: between fork and exec only setrlimit runs: one system
+            // call, no allocation, no lock.
+            unsafe {
+                cmd.pre_exec(move || {
+                    setrlimit(Resource::Nofile, limit).map_err(std::io::Error::from)
+                });
+            }
+        }
         cmd
+    }
+
+    /// Sets (or replaces) an environment variable of the agent's processes
+    /// from the next start on: for values that depend on the agent's own
+    /// files, such as [`Agent::log_stream`].
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// `DEVICE:INODE` of the agent's log file (created if need be): what
+    /// systemd puts in `JOURNAL_STREAM` when stderr is the journal's stream.
+    pub fn log_stream(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self
+            .log_file()
+            .metadata()
+            .expect("the agent log's metadata");
+        format!("{}:{}", meta.dev(), meta.ino())
     }
 
     fn log_file(&self) -> File {

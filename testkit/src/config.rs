@@ -30,6 +30,8 @@ pub struct AgentBuilder {
     env: Vec<(String, String)>,
     /// Where the agent's temp directory is made; the system's temp dir when unset.
     temp_parent: Option<PathBuf>,
+    /// `RLIMIT_NOFILE` (soft, hard) the agent starts with; the test's own when unset.
+    fd_limit: Option<(u64, u64)>,
 }
 
 impl AgentBuilder {
@@ -39,6 +41,7 @@ impl AgentBuilder {
             sections: BTreeMap::new(),
             env: Vec::new(),
             temp_parent: None,
+            fd_limit: None,
         }
     }
 
@@ -68,6 +71,14 @@ impl AgentBuilder {
     /// An environment variable for the agent process.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Starts the agent (and its CLI commands) with this soft and hard
+    /// `RLIMIT_NOFILE`, as a shell's `ulimit -Sn`/`-Hn` would. A hard limit
+    /// above the test's own needs root.
+    pub fn fd_limit(mut self, soft: u64, hard: u64) -> Self {
+        self.fd_limit = Some((soft, hard));
         self
     }
 
@@ -168,6 +179,7 @@ impl AgentBuilder {
             config_text,
             bin: self.bin,
             env: self.env,
+            fd_limit: self.fd_limit,
             child: None,
             dir,
         }

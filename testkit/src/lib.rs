@@ -20,6 +20,7 @@
 //! | [`proxy`]    | [`FaultProxy`]: a TCP proxy that refuses, cuts and stalls |
 //! | [`tmpfs`]    | [`Tmpfs`]: a small filesystem to fill up |
 //! | [`notify`]   | [`NotifySocket`]: a systemd notification socket a test owns |
+//! | [`journal`]  | [`JournalSocket`]: journald's socket played by a test; entries parsed |
 //! | [`tls`]      | a test CA, certificates and a TLS listener in front of the broker |
 //! | [`metrics`]  | scraping and parsing the agent's metrics endpoint |
 //! | [`cpu`]      | a process's CPU time from `/proc`: back to idle or not |
@@ -45,6 +46,7 @@ pub mod config;
 pub mod consumer;
 pub mod cpu;
 pub mod db;
+pub mod journal;
 pub mod metrics;
 pub mod node;
 pub mod notify;
@@ -63,6 +65,7 @@ pub use cli::CliOutput;
 pub use client::{ok_id, refused, request_many, submit_many, Client};
 pub use config::{toml_str, AgentBuilder};
 pub use edge_outbox::store::Status;
+pub use journal::JournalSocket;
 pub use notify::NotifySocket;
 pub use proxy::{FaultProxy, Mode};
 pub use tmpfs::Tmpfs;
