@@ -20,10 +20,13 @@
 //! | internal exchange | submit, an exchange declared `internal` | closes the channel | `403` |
 //! | full queue | submit, a queue with `x-max-length = 0`, `x-overflow = reject-publish` | `basic.nack` | `basic.nack` |
 //!
-//! The liveness bound (issue 9): once the broker is reachable, every good
-//! message is confirmed within 2 × `publish.confirm_timeout` + the
-//! reconnect backoff's cap (10 s) + a drain allowance per message
-//! ([`bound`]).
+//! The liveness bound (issue 9; docs/forwarding.md, Isolating a message the
+//! broker refuses): once the broker is reachable, every good message is
+//! confirmed within 2 × `publish.confirm_timeout` + the reconnect backoff's
+//! cap (10 s) + a drain allowance per message handed over at once
+//! ([`bound`]), measured per row (`update_time - create_time`). The bad
+//! ones have no bound of their own: they get, on top, two channel reopens
+//! per attempt at the reopen backoff's cap ([`bad_deadline`]).
 //!
 //! `EDGE_OUTBOX_TEST_SEED` re-runs the randomized test with one seed;
 //! `EDGE_OUTBOX_TEST_RUNS` sets how often the outage test repeats (2).
