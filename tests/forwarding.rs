@@ -1,17 +1,19 @@
 //! Forwarding to a real RabbitMQ (docs/forwarding.md): confirms, returns,
-//! 404s, outages, connection cuts, silent stalls, a blocked broker, and a
-//! million-row backlog.
+//! 404s, outages, connection cuts, silent stalls and partitions that must
+//! charge nothing, a blocked broker, and a million-row backlog.
 //!
 //! Every test uses its own exchange and queue names, so they run in
 //! parallel against the shared broker; the test that blocks the broker uses
 //! the restartable node under its cross-process lock. Kill -9 and broker
 //! restarts are in `tests/durability.rs`.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use edge_outbox_testkit::amqp;
 use edge_outbox_testkit::broker;
 use edge_outbox_testkit::db::get_status;
+use edge_outbox_testkit::metrics::{free_port, listen_on, samples, scrape};
 use edge_outbox_testkit::node;
 use edge_outbox_testkit::prefill::{prefill_database, PrefillRow};
 use edge_outbox_testkit::{
@@ -254,6 +256,144 @@ fn five_thousand_messages_survive_a_thirty_second_silent_stall() {
             proxy.set_mode(Mode::Pass);
         },
     );
+}
+
+/// Sets its flag when dropped (see [`silent_partition_charges_nothing`]).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A silent partition of `stall` while messages are in flight and more are
+/// submitted, with `publish.confirm_timeout` (5 s) shorter than the time
+/// the heartbeat (`broker.heartbeat = heartbeat`; off with `?heartbeat=0`
+/// in the URL when `url_heartbeat_off`) needs to notice the dead link: a
+/// confirm timeout is charged only when the link proved alive after the
+/// publish (docs/forwarding.md, Outcomes), so nothing is charged, nothing
+/// fails, and everything is delivered once the partition heals.
+fn silent_partition_charges_nothing(stall: Duration, heartbeat: &str, url_heartbeat_off: bool) {
+    let rt = rt();
+    let url = broker::default_url();
+    let (exchange, queue) = rt.block_on(amqp::topology(&url, "k"));
+    let proxy = FaultProxy::start(broker::default_addr());
+    let port = free_port();
+    let mut agent_url = proxy.url_for(&url);
+    if url_heartbeat_off {
+        agent_url.push_str("?heartbeat=0");
+    }
+    let mut agent = Agent::builder(BIN)
+        .forwarding_to(&agent_url)
+        .set_str("broker", "heartbeat", heartbeat)
+        .set_str("publish", "confirm_timeout", "5s")
+        // A charged attempt would fail the row at once: it shows.
+        .set("publish", "max_attempts", "2")
+        .set("metrics", "listen", listen_on(port))
+        .prepare();
+    let check = agent.cli(&["check-config"]);
+    if check.code != 0 {
+        eprintln!(
+            "the configuration refuses broker.heartbeat = {heartbeat:?} (exit {}): {}",
+            check.code, check.stderr
+        );
+        rt.block_on(amqp::delete(&url, &exchange, &queue));
+        return;
+    }
+    agent.restart();
+    let charged = |agent: &Agent| {
+        agent.db_count("SELECT COALESCE(SUM(try_count), 0) FROM msg_log")
+            + agent.count_status(Status::Failed)
+    };
+    let submitted = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let mut peak_in_flight = 0.0_f64;
+    let ids = std::thread::scope(|s| {
+        // Stops the submitter however this closure ends: the scope waits
+        // for it, also when an assertion below panics.
+        let stopper = StopOnDrop(&stop);
+        let stream = s.spawn(|| {
+            let mut client = agent.client();
+            let mut ids = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let id = format!("partition-{}", ids.len());
+                let request = json!({"exchange": exchange, "routing_key": "k", "id": id,
+                                     "payload": {"n": ids.len()}});
+                ids.push(ok_id(&client.request(&request)));
+                submitted.fetch_add(1, Ordering::SeqCst);
+                // Pacing: a steady trickle, so some are always in flight.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            ids
+        });
+        wait_until("100 delivered before the partition", DRAIN, || {
+            agent.count_status(Status::Delivered) >= 100
+        });
+        proxy.set_mode(Mode::Stall);
+        let before = submitted.load(Ordering::SeqCst);
+        let start = Instant::now();
+        while start.elapsed() < stall {
+            assert_eq!(
+                charged(&agent),
+                0,
+                "an attempt charged during the partition"
+            );
+            let in_flight = samples(&scrape(port))
+                .into_iter()
+                .find(|(n, _)| n == "edge_outbox_in_flight")
+                .map_or(0.0, |(_, v)| v);
+            peak_in_flight = peak_in_flight.max(in_flight);
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        proxy.set_mode(Mode::Pass);
+        eprintln!(
+            "{} submitted during the {stall:?} partition; peak in flight {peak_in_flight}",
+            submitted.load(Ordering::SeqCst) - before
+        );
+        let healed = Instant::now();
+        wait_until("100 more delivered after the partition", DRAIN, || {
+            agent.count_status(Status::Delivered) >= before as i64 + 100
+        });
+        eprintln!(
+            "forwarding again {:?} after the partition healed",
+            healed.elapsed()
+        );
+        drop(stopper);
+        stream.join().expect("the submitter")
+    });
+    assert!(
+        peak_in_flight > 0.0,
+        "no message was in flight during the partition: the test tested nothing"
+    );
+    agent.wait_all_delivered(ids.len() as i64, DRAIN);
+    assert_eq!(charged(&agent), 0, "an attempt was charged");
+    let received = rt.block_on(amqp::received(&url, &queue));
+    amqp::assert_all_received(&received, &ids);
+    rt.block_on(amqp::delete(&url, &exchange, &queue));
+}
+
+#[test]
+fn silent_partitions_charge_nothing_30s() {
+    silent_partition_charges_nothing(Duration::from_secs(30), "10s", false);
+}
+
+#[test]
+fn silent_partitions_charge_nothing_90s() {
+    silent_partition_charges_nothing(Duration::from_secs(90), "10s", false);
+}
+
+/// `broker.heartbeat = "0s"`, when the configuration accepts it.
+#[test]
+fn silent_partitions_charge_nothing_heartbeat_0s() {
+    silent_partition_charges_nothing(Duration::from_secs(30), "0s", false);
+}
+
+/// With the heartbeat off (`?heartbeat=0` in the URL), nothing but the
+/// probe after a confirm timeout tells a dead link.
+#[test]
+fn silent_partitions_charge_nothing_heartbeat_off_in_the_url() {
+    silent_partition_charges_nothing(Duration::from_secs(30), "10s", true);
 }
 
 #[test]

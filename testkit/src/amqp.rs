@@ -440,3 +440,25 @@ pub async fn delete(url: &str, exchange: &str, queue: &str) {
     delete_queue(url, queue).await;
     delete_exchange(url, exchange).await;
 }
+
+/// Declares a durable direct exchange with `internal: true`: clients may
+/// bind to it but not publish to it (the broker answers a publish with
+/// `403 ACCESS_REFUSED`, closing the channel).
+pub async fn declare_internal_exchange(url: &str, exchange: &str) {
+    let x = exchange.to_owned();
+    let what = format!("declare internal exchange {exchange}");
+    with_channel(url, &what, |ch| async move {
+        ch.exchange_declare(
+            x.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                internal: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    })
+    .await
+}

@@ -1,6 +1,7 @@
-//! What the benchmarks share: the message size they all use and the
+//! What the benchmarks share: the message size they all use, the
 //! plain-lapin publisher that is both the forwarding baseline and the
-//! consumer benchmark's pre-fill.
+//! consumer benchmark's pre-fill, and the one-at-a-time publisher that is
+//! the latency benchmark's baseline.
 //!
 //! The broker is the shared one ([`crate::broker::default_url`]).
 
@@ -46,4 +47,36 @@ pub async fn publish_confirmed(
     let elapsed = start.elapsed();
     let _ = conn.close(200, "".into()).await;
     elapsed
+}
+
+/// Declares `queue` (durable classic) and publishes `messages` persistent,
+/// mandatory [`BODY`]-byte messages to it through the default exchange, one
+/// at a time: each waits for its confirm before the next is published.
+/// Returns each round trip, from the publish to the confirm (connecting and
+/// declaring are not timed).
+pub async fn publish_round_trips(url: &str, queue: &str, messages: usize) -> Vec<Duration> {
+    declare_queue(url, queue).await;
+    let conn = connect(url).await;
+    let ch = confirm_channel(&conn, "publish_round_trips").await;
+    let target = Target {
+        what: "publish_round_trips",
+        exchange: "",
+        routing_key: queue,
+        options: BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        },
+    };
+    let body = vec![b'x'; BODY];
+    let mut times = Vec::with_capacity(messages);
+    for i in 0..messages {
+        let start = Instant::now();
+        publish_pipelined(&ch, &target, 1, 1, |_| {
+            (Some(format!("round-trip-{i}")), body.as_slice())
+        })
+        .await;
+        times.push(start.elapsed());
+    }
+    let _ = conn.close(200, "".into()).await;
+    times
 }

@@ -194,3 +194,20 @@ pub fn submit_many(
     sender.join().expect("sender");
     ids
 }
+
+/// Sends `requests` (any JSON requests) on one pipelined connection, a
+/// writer thread sending while this thread reads, and returns the answers
+/// in request order.
+pub fn request_many(agent: &Agent, requests: &[Value]) -> Vec<Value> {
+    let mut client = agent.client();
+    let mut writer = client.writer();
+    let mut bytes = Vec::new();
+    for request in requests {
+        bytes.extend_from_slice(request.to_string().as_bytes());
+        bytes.push(b'\n');
+    }
+    let sender = std::thread::spawn(move || writer.write_all(&bytes).expect("write"));
+    let answers = (0..requests.len()).map(|_| client.answer()).collect();
+    sender.join().expect("sender");
+    answers
+}

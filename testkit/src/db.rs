@@ -158,3 +158,75 @@ impl Agent {
         assert_eq!(self.count_status(Status::Failed), 0, "no message may fail");
     }
 }
+
+/// A row a test writes into `msg_log` itself, past the submit checks: a
+/// message the socket would refuse (a `CC` header that is a string, say),
+/// as a database written by hand or by an older version may hold one.
+#[derive(Debug, Clone)]
+pub struct RawRow {
+    pub id: String,
+    pub exchange: String,
+    pub routing_key: String,
+    /// The body, stored as TEXT.
+    pub body: String,
+    /// The `headers` column: the JSON text of an object, stored as it is.
+    pub headers: Option<String>,
+}
+
+impl Agent {
+    /// Inserts `rows` in one transaction as the agent stores a submit:
+    /// delivering, no attempt yet, due now, content type
+    /// `application/json`. The agent may run: nothing wakes its forwarder,
+    /// so a running agent publishes them at its next pass
+    /// (`publish.resend_every`). Panics on a duplicate id.
+    pub fn insert_rows(&self, rows: &[RawRow]) {
+        let mut conn = self.db();
+        let tx = conn.transaction().expect("transaction");
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO msg_log (id, msg, exchange, routing_key, status, try_count, \
+                     next_try_time, create_time, update_time, headers, content_type) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?6, ?6, ?7, 'application/json')",
+                )
+                .expect("prepare");
+            let now = edge_outbox::store::now_ms();
+            for r in rows {
+                insert
+                    .execute(rusqlite::params![
+                        r.id,
+                        r.body,
+                        r.exchange,
+                        r.routing_key,
+                        Status::Delivering as i64,
+                        now,
+                        r.headers
+                    ])
+                    .unwrap_or_else(|e| panic!("inserting row {}: {e}", r.id));
+            }
+        }
+        tx.commit().expect("commit");
+    }
+
+    /// `update_time - create_time` in ms of each row of `ids` that is
+    /// delivered (or consumed): how long after it was stored its confirm
+    /// was recorded. Rows in other statuses are left out.
+    pub fn delivery_times_ms(&self, ids: &[String]) -> Vec<i64> {
+        let conn = self.db();
+        let mut stmt = conn
+            .prepare(
+                "SELECT status, update_time - create_time FROM msg_log \
+                 WHERE id = ?1",
+            )
+            .expect("prepare");
+        ids.iter()
+            .filter_map(|id| {
+                stmt.query_row([id.as_str()], |r| Ok((get_status(r, 0)?, r.get(1)?)))
+                    .optional()
+                    .unwrap_or_else(|e| panic!("row {id}: {e}"))
+            })
+            .filter(|(status, _)| matches!(status, Status::Delivered | Status::Consumed))
+            .map(|(_, ms)| ms)
+            .collect()
+    }
+}

@@ -8,9 +8,9 @@
 //! |--------------|---------------|
 //! | [`agent`]    | [`Agent`]: the `edge-outbox` binary run on a temp dir; start, restart, signals, log |
 //! | [`config`]   | [`AgentBuilder`]: the agent's TOML config, the kit's defaults, forwarding/consuming set-ups |
-//! | [`client`]   | [`Client`]: the socket protocol; [`ok_id`], [`refused`], pipelined [`submit_many`] |
+//! | [`client`]   | [`Client`]: the socket protocol; [`ok_id`], [`refused`], pipelined [`submit_many`], [`request_many`] |
 //! | [`cli`]      | the agent's command line run to completion: [`CliOutput`] |
-//! | [`db`]       | looking into the agent's `msg_log`: counts, rows, statuses as [`Status`] |
+//! | [`db`]       | looking into the agent's `msg_log`: counts, rows, statuses as [`Status`]; rows written past submit |
 //! | [`prefill`]  | databases made without the agent: the schema, prefilled backlogs |
 //! | [`consumer`] | consumer-test fixtures: waiting for the consumer, handler scripts' files and pids |
 //! | [`broker`]   | the shared RabbitMQ broker on 127.0.0.1:5672, `rabbitmqctl list_queues` |
@@ -23,6 +23,7 @@
 //! | [`journal`]  | [`JournalSocket`]: journald's socket played by a test; entries parsed |
 //! | [`tls`]      | a test CA, certificates and a TLS listener in front of the broker |
 //! | [`metrics`]  | scraping and parsing the agent's metrics endpoint |
+//! | [`cpu`]      | a process's CPU time from `/proc`: back to idle or not |
 //! | [`bench`]    | what the benchmarks share: message size, the baseline publisher |
 //! | [`wait`]     | [`wait_until`] (every wait has a deadline) and [`rt`] |
 //!
@@ -43,6 +44,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod consumer;
+pub mod cpu;
 pub mod db;
 pub mod journal;
 pub mod metrics;
@@ -60,7 +62,7 @@ mod process;
 pub use agent::Agent;
 pub use cleanup::Cleanup;
 pub use cli::CliOutput;
-pub use client::{ok_id, refused, submit_many, Client};
+pub use client::{ok_id, refused, request_many, submit_many, Client};
 pub use config::{toml_str, AgentBuilder};
 pub use edge_outbox::store::Status;
 pub use journal::JournalSocket;

@@ -51,3 +51,13 @@ pub fn sample(text: &str, name: &str) -> f64 {
         .map(|(_, v)| v)
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
+
+/// The value of the sample `name` scraped now from 127.0.0.1:`port`.
+pub fn value(port: u16, name: &str) -> f64 {
+    sample(&scrape(port), name)
+}
+
+/// The `metrics.listen` value (a TOML string) for 127.0.0.1:`port`.
+pub fn listen_on(port: u16) -> String {
+    crate::toml_str(format!("127.0.0.1:{port}"))
+}
