@@ -129,7 +129,16 @@ pub(crate) struct Ledger {
     /// (a duplicate without a fault). Pruned as reads move on.
     recent: HashMap<RowId, u64>,
     recent_order: VecDeque<(u64, RowId)>,
+    /// Rows the broker closed a channel on, oldest first: their next tries
+    /// go out alone, so a message the broker refuses costs only its own
+    /// channel, not a batch of copies and an isolation each time.
+    culprits: HashSet<RowId>,
+    culprit_order: VecDeque<RowId>,
 }
+
+/// Culprits remembered at most (a row that fails for good stops coming
+/// back, so only a flood of refused messages reaches this).
+const MAX_CULPRITS: usize = 4096;
 
 impl Ledger {
     pub(crate) fn new(window: usize) -> Ledger {
@@ -142,6 +151,32 @@ impl Ledger {
             handed: HashMap::new(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
+            culprits: HashSet::new(),
+            culprit_order: VecDeque::new(),
+        }
+    }
+
+    /// The broker closed a channel on this row before: it goes out alone.
+    pub(crate) fn is_culprit(&self, id: &str) -> bool {
+        self.culprits.contains(id)
+    }
+
+    /// Publish this row alone, as a single suspect (a known culprit the
+    /// backlog handed out).
+    pub(crate) fn alone(&mut self, id: RowId) {
+        if !self.holds(&id) {
+            self.singles.push_back(id);
+        }
+    }
+
+    fn convicted(&mut self, id: &str) {
+        if self.culprits.insert(id.to_string()) {
+            self.culprit_order.push_back(id.to_string());
+            if self.culprit_order.len() > MAX_CULPRITS {
+                if let Some(oldest) = self.culprit_order.pop_front() {
+                    self.culprits.remove(&oldest);
+                }
+            }
         }
     }
 
@@ -360,6 +395,7 @@ impl Ledger {
         };
         if gone.len() == 1 {
             let (id, _) = gone.remove(0);
+            self.convicted(&id);
             self.settling.insert(id.clone());
             return vec![Settle::Rejected(
                 id,
@@ -648,6 +684,31 @@ mod tests {
             assert!(l.awaits("m0", 1));
             l.forget("m0", 1);
             assert!(!l.holds("m0"));
+        }
+
+        #[test]
+        fn a_culprit_goes_out_alone_next_time() {
+            let mut l = Ledger::new(8);
+            let t = Instant::now();
+            publish_backlog(&mut l, 0..3, 1, t);
+            l.channel_closed(1, Some(&close(406)));
+            let (charged, _, _) = isolate(&mut l, &[id(1)], 2);
+            assert_eq!(charged, vec![id(1)]);
+            assert!(l.is_culprit("m1"));
+            // Its next try: the backlog hands it out, the ledger sends it alone.
+            publish_backlog(&mut l, 3..5, 10, t);
+            l.alone(id(1));
+            assert_eq!(
+                l.next(),
+                Next::Wait,
+                "alone means after the rows on the wire"
+            );
+            l.confirmed("m3", 10, Reply::Ack);
+            l.confirmed("m4", 10, Reply::Ack);
+            assert_eq!(l.next(), Next::Suspect(id(1)));
+            l.published(id(1), 11, t);
+            let s = l.channel_closed(11, Some(&close(406)));
+            assert!(matches!(&s[..], [Settle::Rejected(r, _)] if r == "m1"));
         }
 
         #[test]

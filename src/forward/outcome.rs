@@ -59,6 +59,49 @@ pub(crate) fn confirm_event(result: &ConfirmResult) -> ConfirmEvent {
     }
 }
 
+/// The row a returned message names: every row goes out with its id as
+/// `message_id`, and a `basic.return` carries the message's properties.
+/// `None` for a confirm without a return (or a return without an id).
+pub(crate) fn returned_row(result: &ConfirmResult) -> Option<(String, Reply)> {
+    match result {
+        Ok(Ok(Confirmation::Ack(Some(returned)))) | Ok(Ok(Confirmation::Nack(Some(returned)))) => {
+            let id = returned.delivery.properties.message_id().as_ref()?;
+            Some((
+                id.to_string(),
+                Reply::Returned {
+                    code: returned.reply_code,
+                    text: returned.reply_text.to_string(),
+                },
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The event for the confirm of row `id`, with the returns of the confirms
+/// that arrived together keyed by the row each names. lapin hands a
+/// `basic.return` to the next confirm it resolves, and a multiple ack
+/// resolves several at once, so a return can come with another row's
+/// confirm: a return counts for the row it names, and the confirm it came
+/// with is that row's plain ack (or nack).
+pub(crate) fn attributed(
+    id: &str,
+    result: &ConfirmResult,
+    returns: &std::collections::HashMap<String, Reply>,
+) -> ConfirmEvent {
+    if let Some(reply) = returns.get(id) {
+        return ConfirmEvent::Reply(reply.clone());
+    }
+    match (confirm_event(result), returned_row(result)) {
+        // About another row (which the map above charges): ours was acked.
+        (ConfirmEvent::Reply(Reply::Returned { .. }), Some(_)) => match result {
+            Ok(Ok(Confirmation::Nack(_))) => ConfirmEvent::Reply(Reply::Nack),
+            _ => ConfirmEvent::Reply(Reply::Ack),
+        },
+        (event, _) => event,
+    }
+}
+
 /// The broker's close reply carried by a lapin error, if it is one.
 pub(crate) fn broker_close(error: &lapin::Error) -> Option<BrokerClose> {
     match error.kind() {
@@ -158,6 +201,41 @@ mod tests {
             lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
         )));
         assert_eq!(confirm_event(&lost), ConfirmEvent::Closed(None));
+    }
+
+    #[test]
+    fn a_return_counts_for_the_row_it_names() {
+        use lapin::message::{BasicReturnMessage, Delivery};
+        let returned = |id: &str| -> ConfirmResult {
+            let mut delivery = Delivery::mock(0, "x".into(), "rk".into(), false, Vec::new());
+            delivery.properties = BasicProperties::default().with_message_id(id.into());
+            Ok(Ok(Confirmation::Ack(Some(BasicReturnMessage {
+                delivery,
+                reply_code: 312,
+                reply_text: "NO_ROUTE".into(),
+            }))))
+        };
+        // A multiple ack resolved A and B together; lapin attached B's return to A.
+        let a = returned("B");
+        let b: ConfirmResult = Ok(Ok(Confirmation::Ack(None)));
+        let returns: std::collections::HashMap<String, Reply> =
+            [&a, &b].iter().filter_map(|r| returned_row(r)).collect();
+        assert_eq!(
+            attributed("A", &a, &returns),
+            ConfirmEvent::Reply(Reply::Ack)
+        );
+        assert!(matches!(
+            attributed("B", &b, &returns),
+            ConfirmEvent::Reply(Reply::Returned { code: 312, .. })
+        ));
+        // The usual case: the return came with its own row's confirm.
+        let c = returned("C");
+        let returns: std::collections::HashMap<String, Reply> =
+            returned_row(&c).into_iter().collect();
+        assert!(matches!(
+            attributed("C", &c, &returns),
+            ConfirmEvent::Reply(Reply::Returned { code: 312, .. })
+        ));
     }
 
     #[test]

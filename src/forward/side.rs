@@ -126,6 +126,13 @@ const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const MAX_PAUSE: Duration = Duration::from_secs(5);
 
 impl Pace {
+    /// A close was explained (pinned on a message): the next reopen is
+    /// not part of a flapping run.
+    pub(crate) fn calm(&mut self) {
+        self.in_a_row = 0;
+        self.last = None;
+    }
+
     /// The pause before the reopen happening now.
     pub(crate) fn next_delay(&mut self, now: Instant) -> Duration {
         let calm = self
@@ -162,5 +169,11 @@ mod tests {
             assert!(pace.next_delay(later) <= MAX_PAUSE);
         }
         assert_eq!(pace.next_delay(later + CALM), Duration::ZERO);
+        pace.next_delay(later + CALM + Duration::from_millis(1));
+        pace.calm();
+        assert_eq!(
+            pace.next_delay(later + CALM + Duration::from_millis(2)),
+            Duration::ZERO
+        );
     }
 }

@@ -2,11 +2,12 @@
 //! Outcomes): feed it to the ledger, record what the ledger decides, prove
 //! the link before a timeout is charged, and digest failures for the log.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use super::{Forwarder, Wire};
 use crate::forward::ledger::{Reply, Settle};
-use crate::forward::outcome::{blames_a_message, confirm_event, ConfirmEvent};
+use crate::forward::outcome::{attributed, blames_a_message, returned_row, ConfirmEvent};
 use crate::forward::side;
 use crate::forward::window::Confirmed;
 
@@ -19,10 +20,18 @@ impl Forwarder {
         first: Confirmed,
         session: Wire<'_>,
     ) -> Option<String> {
-        let mut overdue = Vec::new();
-        self.on_confirm(first, session, &mut overdue);
+        let mut batch = vec![first];
         while let Some(more) = self.window.ready_confirm() {
-            self.on_confirm(more, session, &mut overdue);
+            batch.push(more);
+        }
+        let returns: HashMap<String, Reply> = batch
+            .iter()
+            .filter_map(|c| returned_row(&c.result))
+            .collect();
+        let mut overdue = Vec::new();
+        for c in batch {
+            let event = attributed(&c.id, &c.result, &returns);
+            self.on_confirm(c, event, session, &mut overdue);
         }
         if overdue.is_empty() {
             return None;
@@ -52,10 +61,11 @@ impl Forwarder {
     pub(super) fn on_confirm(
         &mut self,
         c: Confirmed,
+        event: ConfirmEvent,
         session: Wire<'_>,
         overdue: &mut Vec<Confirmed>,
     ) {
-        match confirm_event(&c.result) {
+        match event {
             ConfirmEvent::Reply(reply) => {
                 let m = &self.metrics;
                 match &reply {
@@ -87,6 +97,11 @@ impl Forwarder {
                     .channel_closed(c.generation, blame.as_ref());
                 if let Some(blame) = &blame {
                     tracing::debug!(generation = c.generation, error = %blame, charged = settles.len(), "the broker closed the publishing channel");
+                }
+                if !settles.is_empty() {
+                    // The close was pinned on a message: progress, not a
+                    // flapping channel, so the next reopen need not wait.
+                    self.reopens.calm();
                 }
                 for settle in settles {
                     self.settle(&c, settle);

@@ -320,6 +320,10 @@ impl Forwarder {
                 _ = tick.tick() => self.report_failures(),
                 _ = new_rows.notified() => self.backlog.more_rows(),
                 row = self.backlog.next(&self.window.ledger), if from_backlog => match row? {
+                    // A row the broker closed a channel on goes out alone.
+                    Some(row) if self.window.ledger.is_culprit(&row.id) => {
+                        self.window.ledger.alone(row.id);
+                    }
                     Some(row) => self.route(session.wire(), row).await,
                     None => self.pass_done(),
                 },
@@ -471,7 +475,8 @@ impl Forwarder {
             match tokio::time::timeout_at(deadline, self.window.confirms.next()).await {
                 Ok(Some(confirmed)) => {
                     let mut overdue = Vec::new();
-                    self.on_confirm(confirmed, session, &mut overdue);
+                    let event = super::outcome::confirm_event(&confirmed.result);
+                    self.on_confirm(confirmed, event, session, &mut overdue);
                 }
                 Ok(None) | Err(_) => break,
             }
