@@ -542,12 +542,15 @@ fn poison_corpus_never_stops_the_good_ones() {
 
 /// The seed of the randomized test: `EDGE_OUTBOX_TEST_SEED`, else the clock.
 fn seed() -> u64 {
-    match std::env::var("EDGE_OUTBOX_TEST_SEED") {
-        Ok(text) => text
+    match std::env::var("EDGE_OUTBOX_TEST_SEED")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    {
+        Some(text) => text
             .trim()
             .parse()
             .unwrap_or_else(|_| panic!("EDGE_OUTBOX_TEST_SEED={text:?} is not a number")),
-        Err(_) => std::time::SystemTime::now()
+        None => std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
     }

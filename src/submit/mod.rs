@@ -46,6 +46,7 @@
 mod connection;
 mod lines;
 mod parse;
+pub(crate) use parse::breaks_submit_rules;
 
 use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -191,6 +191,19 @@ fn submit_request(fields: Fields<'_>) -> Result<SubmitRequest, Refusal> {
     })
 }
 
+/// Whether a stored row breaks the rules a submit is checked against (it was
+/// written into `msg_log` past them): the broker may well close the channel
+/// on it, so the forwarder sends such a row alone (docs/forwarding.md,
+/// Isolating a message the broker refuses).
+pub(crate) fn breaks_submit_rules(exchange: &str, headers: Option<&str>) -> bool {
+    if exchange_rules(exchange).is_err() {
+        return true;
+    }
+    headers.is_some_and(|text| {
+        RawValue::from_string(text.to_string()).map_or(true, |raw| valid_headers(&raw).is_err())
+    })
+}
+
 /// What RabbitMQ 3.x refuses of an exchange name on `basic.publish`
 /// whatever its state (rabbit_channel.erl): a name no exchange can have.
 fn exchange_rules(exchange: &str) -> Result<(), Refusal> {
@@ -469,6 +482,9 @@ mod tests {
         let message = refused(&format!(r#""headers":{{"{long_name}":1}},"payload":1"#));
         assert!(message.contains("at most 255 bytes"), "{message}");
         // "cc" is not "CC": RabbitMQ routes by the exact names only.
+        assert!(breaks_submit_rules("x", Some(r#"{"CC":"q"}"#)));
+        assert!(breaks_submit_rules("amq.nope", None));
+        assert!(!breaks_submit_rules("x", Some(r#"{"CC":["q"],"cc":"q"}"#)));
         assert!(with(r#""headers":{"cc":"q","Bcc":1},"payload":1"#).is_ok());
     }
 

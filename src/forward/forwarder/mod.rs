@@ -320,8 +320,11 @@ impl Forwarder {
                 _ = tick.tick() => self.report_failures(),
                 _ = new_rows.notified() => self.backlog.more_rows(),
                 row = self.backlog.next(&self.window.ledger), if from_backlog => match row? {
-                    // A row the broker closed a channel on goes out alone.
-                    Some(row) if self.window.ledger.is_culprit(&row.id) => {
+                    // A row the broker closed a channel on, or one that
+                    // breaks the submit rules (written past them), goes out
+                    // alone: its refusal must cost no other message.
+                    Some(row) if self.window.ledger.is_culprit(&row.id)
+                        || crate::submit::breaks_submit_rules(&row.exchange, row.headers.as_deref()) => {
                         self.window.ledger.alone(row.id);
                     }
                     Some(row) => self.route(session.wire(), row).await,
