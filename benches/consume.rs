@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use edge_outbox_testkit::amqp::{connect, delete_queue};
 use edge_outbox_testkit::bench::{publish_confirmed, BODY};
-use edge_outbox_testkit::{broker, toml_str, Agent, Status};
+use edge_outbox_testkit::{toml_str, Agent, Status};
 use futures_util::stream::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -46,12 +46,7 @@ fn main() {
     let messages: usize = env_or("BENCH_MESSAGES", 50_000);
     let prefetch: u16 = env_or("BENCH_PREFETCH", 100);
     let synchronous: String = env_or("BENCH_SYNCHRONOUS", "full".to_string());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let url = broker::default_url();
-    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    let (runtime, url, suffix) = edge_outbox_testkit::bench::setup();
     let plain_queues = [
         format!("bench-consume-plain1-{suffix}"),
         format!("bench-consume-plain2-{suffix}"),

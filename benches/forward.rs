@@ -17,7 +17,7 @@ use edge_outbox::store::now_ms;
 use edge_outbox_testkit::amqp::{declare_queue, delete_queue};
 use edge_outbox_testkit::bench::{publish_confirmed, BODY};
 use edge_outbox_testkit::prefill::{prefill_database, PrefillRow};
-use edge_outbox_testkit::{broker, toml_str, Agent, Status};
+use edge_outbox_testkit::{toml_str, Agent, Status};
 
 /// The binary measured.
 const BIN: &str = env!("CARGO_BIN_EXE_edge-outbox");
@@ -28,12 +28,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let url = broker::default_url();
-    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    let (runtime, url, suffix) = edge_outbox_testkit::bench::setup();
     let plain_queue = format!("bench-plain-{suffix}");
     let agent_queue = format!("bench-agent-{suffix}");
 

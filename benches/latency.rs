@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use edge_outbox_testkit::amqp::delete_queue;
 use edge_outbox_testkit::bench::{publish_round_trips, BODY};
-use edge_outbox_testkit::{broker, ok_id, toml_str, wait_until, Agent, Status};
+use edge_outbox_testkit::{ok_id, toml_str, wait_until, Agent, Status};
 use serde_json::json;
 
 /// The binary measured.
@@ -116,12 +116,7 @@ fn main() {
         pause: Duration::from_millis(env_or("BENCH_PAUSE_MS", 100) as u64),
     };
     let round_trips = env_or("BENCH_BASELINE", 500);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let url = broker::default_url();
-    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    let (runtime, url, suffix) = edge_outbox_testkit::bench::setup();
     let plain_queue = format!("bench-latency-plain-{suffix}");
     let agent_queue = format!("bench-latency-agent-{suffix}");
 

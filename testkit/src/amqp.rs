@@ -251,6 +251,21 @@ pub(crate) struct Target<'a> {
     pub(crate) options: BasicPublishOptions,
 }
 
+impl<'a> Target<'a> {
+    /// Mandatory publishes to `queue` through the default exchange.
+    pub(crate) fn queue(what: &'a str, queue: &'a str) -> Target<'a> {
+        Target {
+            what,
+            exchange: "",
+            routing_key: queue,
+            options: BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+        }
+    }
+}
+
 /// Publishes `count` persistent messages on `ch` (in confirm mode), the
 /// `i`-th with the message id and body `message(i)` gives, keeping at most
 /// `window` confirms outstanding; returns once every one is confirmed.

@@ -7,12 +7,21 @@
 
 use std::time::{Duration, Instant};
 
-use lapin::options::BasicPublishOptions;
-
 use crate::amqp::{confirm_channel, connect, declare_queue, publish_pipelined, Target};
 
 /// Message size of every benchmark, in bytes.
 pub const BODY: usize = 512;
+
+/// What every benchmark starts with: a runtime, the shared broker's URL, and
+/// a suffix that makes its queue names unique.
+pub fn setup() -> (tokio::runtime::Runtime, String, String) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    (runtime, crate::broker::default_url(), suffix)
+}
 
 /// Declares `queue` (durable classic) and publishes `messages` persistent,
 /// mandatory [`BODY`]-byte messages to it through the default exchange (ids
@@ -29,15 +38,7 @@ pub async fn publish_confirmed(
     declare_queue(url, queue).await;
     let conn = connect(url).await;
     let ch = confirm_channel(&conn, "publish_confirmed").await;
-    let target = Target {
-        what: "publish_confirmed",
-        exchange: "",
-        routing_key: queue,
-        options: BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        },
-    };
+    let target = Target::queue("publish_confirmed", queue);
     let body = vec![b'x'; BODY];
     let start = Instant::now();
     publish_pipelined(&ch, &target, window, messages, |i| {
@@ -58,15 +59,7 @@ pub async fn publish_round_trips(url: &str, queue: &str, messages: usize) -> Vec
     declare_queue(url, queue).await;
     let conn = connect(url).await;
     let ch = confirm_channel(&conn, "publish_round_trips").await;
-    let target = Target {
-        what: "publish_round_trips",
-        exchange: "",
-        routing_key: queue,
-        options: BasicPublishOptions {
-            mandatory: true,
-            immediate: false,
-        },
-    };
+    let target = Target::queue("publish_round_trips", queue);
     let body = vec![b'x'; BODY];
     let mut times = Vec::with_capacity(messages);
     for i in 0..messages {
