@@ -129,14 +129,7 @@ mod tests {
     use super::*;
 
     fn delivered() -> Delivered {
-        Delivered {
-            id: "m-1".into(),
-            exchange: "ex".into(),
-            routing_key: "rk".into(),
-            body: b"body".to_vec(),
-            headers: None,
-            content_type: None,
-        }
+        Delivered::sample("m-1")
     }
 
     #[test]

@@ -134,11 +134,9 @@ impl Window {
     }
 
     /// The link is gone: the confirm futures are dropped (the ledger has
-    /// already let go of their rows). Returns how many there were.
-    pub(super) fn abandon(&mut self) -> usize {
-        let unknown = self.confirms.len();
+    /// already let go of their rows).
+    pub(super) fn abandon(&mut self) {
         self.confirms = FuturesUnordered::new();
-        unknown
     }
 }
 

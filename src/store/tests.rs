@@ -74,14 +74,7 @@ async fn max_pending_refuses_without_evicting() {
 }
 
 fn delivered(id: &str) -> Delivered {
-    Delivered {
-        id: id.into(),
-        exchange: "ex".into(),
-        routing_key: "rk".into(),
-        body: b"body".to_vec(),
-        headers: None,
-        content_type: None,
-    }
+    Delivered::sample(id)
 }
 
 #[tokio::test]

@@ -261,6 +261,21 @@ pub(crate) struct Delivered {
     pub(crate) content_type: Option<String>,
 }
 
+#[cfg(test)]
+impl Delivered {
+    /// A delivery of `id` for unit tests: exchange `ex`, key `rk`, body `body`.
+    pub(crate) fn sample(id: &str) -> Delivered {
+        Delivered {
+            id: id.into(),
+            exchange: "ex".into(),
+            routing_key: "rk".into(),
+            body: b"body".to_vec(),
+            headers: None,
+            content_type: None,
+        }
+    }
+}
+
 /// What the handler made of a delivery.
 #[derive(Debug, Clone)]
 pub(crate) enum Consumption {

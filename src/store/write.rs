@@ -298,14 +298,7 @@ mod tests {
     };
 
     fn delivered(id: &str) -> Delivered {
-        Delivered {
-            id: id.into(),
-            exchange: "ex".into(),
-            routing_key: "rk".into(),
-            body: b"body".to_vec(),
-            headers: None,
-            content_type: None,
-        }
+        Delivered::sample(id)
     }
 
     /// Every write that changes a status, applied to a row in every status:
