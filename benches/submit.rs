@@ -12,6 +12,10 @@
 //!    socket, each pipelining a window of up to 64 requests of 512-byte
 //!    payloads; only `ok` answers count.
 //!
+//! 4. `agent_encrypted`: the same agent load with `store.key_file` set
+//!    (SQLCipher: every page of the database and its WAL encrypted), right
+//!    after the plain one (`BENCH_ENCRYPTED=0` skips it).
+//!
 //! It prints rows/s for each and the ratios agent/raw_batched (target ≥ 0.5)
 //! and agent/raw_one_commit (target ≥ 4), and exits 1 when a target is missed
 //! and `BENCH_STRICT=1`.
@@ -245,6 +249,27 @@ fn main() {
     assert_eq!(stored as usize, ok, "acknowledged and stored differ");
     if refused > 0 {
         eprintln!("agent log:\n{}", agent.log_text());
+    }
+
+    if std::env::var("BENCH_ENCRYPTED").map_or(true, |v| v != "0") {
+        let key_dir = tempfile::tempdir_in(dir.path()).expect("key dir");
+        let key_file = key_dir.path().join("store-key");
+        std::fs::write(&key_file, "bench passphrase\n").expect("key file");
+        let mut agent = Agent::builder(BIN)
+            .temp_dir_in(dir.path())
+            .set_str("store", "key_file", key_file.to_string_lossy())
+            .start();
+        let (ok, refused, secs) = agent_load(&agent.socket, agent_rows, clients, window, &payload);
+        agent.terminate();
+        agent.wait_exit(Duration::from_secs(30));
+        let rate = ok as f64 / secs;
+        println!(
+            "agent_encrypted {rate:>12.0} rows/s  ({ok} acknowledged, {refused} refused, {secs:.2}s)"
+        );
+        println!(
+            "ratio agent_encrypted/agent {:>6.2}  (the cost of encryption at rest)",
+            rate / agent_rate
+        );
     }
 
     let vs_batched = agent_rate / batched;

@@ -124,19 +124,19 @@ pub(crate) fn until_next<Tz: TimeZone>(at: TimeOfDay, now: DateTime<Tz>) -> Dura
 /// The CLI's purge, on its own connection (the agent may be running).
 /// `dry_run` only counts.
 pub(crate) fn purge_database(
-    path: &std::path::Path,
+    database: &crate::store::Database,
     config: &PurgeConfig,
     dry_run: bool,
 ) -> Result<PurgeReport, PurgeError> {
     let cutoffs = cutoffs(config, now_ms());
     if dry_run {
-        let deleted = Reader::open(path)?.purgeable(cutoffs)?;
+        let deleted = Reader::open(database)?.purgeable(cutoffs)?;
         return Ok(PurgeReport {
             deleted,
             batches: 0,
         });
     }
-    let mut admin = Admin::open(path)?;
+    let mut admin = Admin::open(database)?;
     let mut report = PurgeReport::default();
     loop {
         let deleted = admin.purge_batch(cutoffs, config.batch_size.get())?;

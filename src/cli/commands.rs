@@ -16,7 +16,7 @@ use super::report::{print_row, print_status, print_table, row_json};
 use super::{client, runtime, EXIT_CONFIG};
 use crate::config::{self, Config};
 use crate::status::StatusReport;
-use crate::store::{Admin, Reader, Status};
+use crate::store::{Admin, Database, Reader, Status};
 
 /// `run`: the agent in the foreground until a signal.
 pub(super) fn run(config: Config) -> anyhow::Result<ExitCode> {
@@ -59,7 +59,9 @@ fn effective_config(config: &Config) -> anyhow::Result<String> {
 pub(super) fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let report = match client::ask_status(&config.submit.socket)? {
         Some(report) => report,
-        None => StatusReport::collect(&Reader::open(&config.store.path)?, None)?,
+        None => {
+            StatusReport::collect(&Reader::open(&Database::from_config(&config.store)?)?, None)?
+        }
     };
     if json {
         out!("{}", serde_json::to_string_pretty(&report)?);
@@ -77,7 +79,7 @@ pub(super) fn list(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let status = status.and_then(Status::from_name);
-    let rows = Reader::open(&config.store.path)?.list(status, limit)?;
+    let rows = Reader::open(&Database::from_config(&config.store)?)?.list(status, limit)?;
     if json {
         let rows: Vec<Value> = rows.iter().map(|r| row_json(r, false)).collect();
         out!("{}", serde_json::to_string_pretty(&rows)?);
@@ -89,7 +91,7 @@ pub(super) fn list(
 
 /// `show`: one row with its body; exit 1 when there is none.
 pub(super) fn show(config: &Config, id: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let Some(row) = Reader::open(&config.store.path)?.get(id)? else {
+    let Some(row) = Reader::open(&Database::from_config(&config.store)?)?.get(id)? else {
         eprintln!("edge-outbox: no message with id {id:?}");
         return Ok(ExitCode::FAILURE);
     };
@@ -103,7 +105,11 @@ pub(super) fn show(config: &Config, id: &str, json: bool) -> anyhow::Result<Exit
 
 /// `purge`: deletes (or counts, with `--dry-run`) what the retention allows.
 pub(super) fn purge(config: &Config, dry_run: bool) -> anyhow::Result<ExitCode> {
-    let report = crate::purge::purge_database(&config.store.path, &config.purge, dry_run)?;
+    let report = crate::purge::purge_database(
+        &Database::from_config(&config.store)?,
+        &config.purge,
+        dry_run,
+    )?;
     let d = report.deleted;
     let verb = if dry_run { "would delete" } else { "deleted" };
     out!(
@@ -121,7 +127,7 @@ pub(super) fn purge(config: &Config, dry_run: bool) -> anyhow::Result<ExitCode> 
 /// `retry`: failed rows back to delivering; exit 1 when an id was not a
 /// failed row.
 pub(super) fn retry(config: &Config, ids: &[String], failed: bool) -> anyhow::Result<ExitCode> {
-    let mut admin = Admin::open(&config.store.path)?;
+    let mut admin = Admin::open(&Database::from_config(&config.store)?)?;
     if failed {
         let n = admin.retry_failed()?;
         out!("{n} failed message(s) moved back to delivering");

@@ -117,6 +117,10 @@ pub(crate) struct StoreConfig {
     pub max_db_size: ByteSize,
     /// Free space on the database's filesystem below which a submit is refused.
     pub min_free_disk: ByteSize,
+    /// A file holding the passphrase the database is encrypted with
+    /// (SQLCipher; systemd credentials); `""`: not encrypted.
+    #[serde(with = "empty_is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -129,6 +133,7 @@ impl Default for StoreConfig {
             max_pending: const { NonZeroU64::new(1_000_000).unwrap() },
             max_db_size: ByteSize::gib(2),
             min_free_disk: ByteSize::mib(64),
+            key_file: None,
         }
     }
 }

@@ -14,15 +14,13 @@
 //!   transitions); the purge shares the writer's statement
 //!   (`store/write.rs`), so both delete exactly the same rows.
 
-use std::path::Path;
-
 use rusqlite::{named_params, Connection, OpenFlags, TransactionBehavior};
 
 use super::error::open_error;
 use super::open::BUSY_TIMEOUT;
 use super::types::Move;
 use super::write::{purge_batch, reclaim};
-use super::{now_ms, PurgeCutoffs, Status, StatusCounts, StoreError};
+use super::{now_ms, Database, PurgeCutoffs, Status, StatusCounts, StoreError};
 
 /// An operator's `retry`: failed rows go back to delivering.
 pub(crate) const RETRIED: Move = Move::allowed(Status::Failed, Status::Delivering);
@@ -39,13 +37,19 @@ pub(crate) struct Admin {
 }
 
 impl Admin {
-    pub(crate) fn open(path: &Path) -> Result<Admin, StoreError> {
+    pub(crate) fn open(database: &Database) -> Result<Admin, StoreError> {
+        let path = database.path();
         if !path.exists() {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
             .map_err(|e| open_error(path, e))?;
+        database.unlock(&conn)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(|e| database.first_read_error(e))?;
         conn.execute_batch("PRAGMA synchronous = FULL")?;
         Ok(Admin { conn })
     }

@@ -19,6 +19,14 @@ pub enum StoreError {
          restore it from a backup, or move it aside to start empty"
     )]
     Corrupt { path: PathBuf, details: String },
+    #[error(
+        "cannot read database {path} with the key from store.key_file: the key is wrong, \
+         or the file was not encrypted with it (a plain database is not encrypted by \
+         setting a key: docs/storage.md, Encryption at rest)"
+    )]
+    WrongKey { path: PathBuf },
+    #[error("cannot read store.key_file {path}: {reason}")]
+    KeyFile { path: PathBuf, reason: String },
     #[error("cannot open database {path}: {message}")]
     Open { path: PathBuf, message: String },
     #[error(

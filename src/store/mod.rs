@@ -51,7 +51,8 @@
 //!
 //! [`Store::open`], in order:
 //! 1. lock `<path>.lock` (one database, one agent), creating the directory;
-//! 2. open the file (creating it), set WAL and `synchronous`, read both back;
+//! 2. open the file (creating it), key it when `store.key_file` is set,
+//!    set WAL and `synchronous`, read both back;
 //! 3. `PRAGMA quick_check`: a damaged file stops the agent, untouched;
 //! 4. apply the migrations up to [`SCHEMA_VERSION`];
 //! 5. open the reader pool;
@@ -90,6 +91,7 @@
 
 mod admin;
 mod error;
+mod key;
 mod open;
 mod reader;
 #[cfg(test)]
@@ -108,6 +110,7 @@ use crate::config::StoreConfig;
 
 pub(crate) use admin::Admin;
 pub use error::StoreError;
+pub use key::Database;
 pub use open::{apply_schema, SCHEMA_VERSION};
 pub use reader::Reader;
 pub(crate) use types::{
@@ -135,17 +138,18 @@ impl Store {
     /// Opens (creating if needed) the database and starts the writer thread
     /// (the start-up steps above).
     pub(crate) fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+        let database = Database::from_config(config)?;
         let path = config.path.clone();
         // Before anything touches the file: a second agent must not migrate
         // or write the live agent's database.
         let lock = open::lock_database(&path)?;
-        let conn = open::open_writer_connection(&path, config.synchronous)?;
+        let conn = open::open_writer_connection(&database, config.synchronous)?;
         let limits = Limits {
             max_pending: config.max_pending.get(),
             max_db_size: config.max_db_size.as_u64(),
             min_free_disk: config.min_free_disk.as_u64(),
         };
-        let reader = Reader::open(&path)?;
+        let reader = Reader::open(&database)?;
         let new_rows = Arc::new(Notify::new());
         let (writer, thread) = writer::start(conn, path, limits, new_rows.clone())?;
         Ok(Store {

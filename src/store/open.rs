@@ -23,7 +23,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use super::error::open_error;
-use super::StoreError;
+use super::{Database, StoreError};
 use crate::config::Synchronous;
 
 /// Migrations, in order: entry `i` brings `user_version` from `i` to `i + 1`.
@@ -38,22 +38,25 @@ pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens the writer connection, sets and checks its pragmas.
 pub(crate) fn open_writer_connection(
-    path: &Path,
+    database: &Database,
     sync: Synchronous,
 ) -> Result<Connection, StoreError> {
+    let path = database.path();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| open_error(path, e))?;
     }
     let conn = Connection::open(path).map_err(|e| open_error(path, e))?;
+    database.unlock(&conn)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let corrupt = |e: rusqlite::Error| StoreError::Corrupt {
         path: path.to_path_buf(),
         details: e.to_string(),
     };
-    // A file that is not a database fails here, on the first read.
+    // A file that is not a database (or not with this key) fails here, on
+    // the first read.
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(corrupt)?;
+        .map_err(|e| database.first_read_error(e))?;
     prepare_new(&conn, version)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
@@ -164,13 +167,13 @@ mod tests {
     fn schema_version_is_set_and_reopen_keeps_rows() {
         let dir = tempfile::tempdir().unwrap();
         let path = db_path(dir.path());
-        let conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        let conn = open_writer_connection(&Database::plain(&path), Synchronous::Full).unwrap();
         let v: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         drop(conn);
-        open_writer_connection(&path, Synchronous::Full).unwrap();
+        open_writer_connection(&Database::plain(&path), Synchronous::Full).unwrap();
     }
 
     #[test]
@@ -179,7 +182,7 @@ mod tests {
         let path = db_path(dir.path());
         let junk = vec![0x42u8; 8192];
         std::fs::write(&path, &junk).unwrap();
-        let err = open_writer_connection(&path, Synchronous::Full).unwrap_err();
+        let err = open_writer_connection(&Database::plain(&path), Synchronous::Full).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), junk);
     }
@@ -198,7 +201,7 @@ mod tests {
         assert_eq!(pragma("user_version"), SCHEMA_VERSION);
         assert_eq!(pragma("auto_vacuum"), 2, "incremental");
         drop(conn);
-        open_writer_connection(&path, Synchronous::Full).unwrap();
+        open_writer_connection(&Database::plain(&path), Synchronous::Full).unwrap();
     }
 
     #[test]
@@ -209,7 +212,7 @@ mod tests {
         conn.execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1))
             .unwrap();
         drop(conn);
-        let err = open_writer_connection(&path, Synchronous::Full).unwrap_err();
+        let err = open_writer_connection(&Database::plain(&path), Synchronous::Full).unwrap_err();
         assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
     }
 
@@ -218,7 +221,8 @@ mod tests {
     #[test]
     fn the_schema_default_status_is_delivering() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_writer_connection(&db_path(dir.path()), Synchronous::Full).unwrap();
+        let conn = open_writer_connection(&Database::plain(db_path(dir.path())), Synchronous::Full)
+            .unwrap();
         let default: String = conn
             .query_row(
                 "SELECT dflt_value FROM pragma_table_info('msg_log') WHERE name = 'status'",

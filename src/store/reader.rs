@@ -24,7 +24,7 @@ use rusqlite::{named_params, params, Connection, OpenFlags, OptionalExtension};
 
 use super::error::open_error;
 use super::open::BUSY_TIMEOUT;
-use super::{OutgoingRow, PurgeCutoffs, Row, Status, StatusCounts, StoreError};
+use super::{Database, OutgoingRow, PurgeCutoffs, Row, Status, StatusCounts, StoreError};
 
 /// Read-only access: the reader pool. What the CLI uses when the agent is down.
 #[derive(Clone)]
@@ -93,7 +93,8 @@ fn count_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Status, u64)> {
 
 /// Opens one connection as the pool would and reads the schema, so that a
 /// file that cannot be read fails here, with its cause.
-fn probe(path: &Path) -> Result<(), StoreError> {
+fn probe(database: &Database) -> Result<(), StoreError> {
+    let path = database.path();
     match std::fs::metadata(path) {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -105,17 +106,15 @@ fn probe(path: &Path) -> Result<(), StoreError> {
     // SQLite says only "unable to open database file"; the OS says why.
     std::fs::File::open(path).map_err(|e| open_error(path, e))?;
     let conn = Connection::open_with_flags(path, READ_FLAGS).map_err(|e| open_error(path, e))?;
+    database.unlock(&conn)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     // The first read checks the header (garbage is "not a database") and
     // parses the schema (a damaged one is "malformed").
     conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
         r.get::<_, i64>(0)
     })
-    .map_err(|e| match StoreError::from(e) {
-        StoreError::Corrupt { details, .. } => StoreError::Corrupt {
-            path: path.to_path_buf(),
-            details,
-        },
+    .map_err(|e| match database.first_read_error(e) {
+        e @ (StoreError::Corrupt { .. } | StoreError::WrongKey { .. }) => e,
         other => open_error(path, other),
     })?;
     Ok(())
@@ -136,11 +135,16 @@ const POOL_WAIT: Duration = Duration::from_secs(10);
 impl Reader {
     /// Opens read-only connections on an existing database; the file's
     /// problem, if it has one, is the error (see the invariants above).
-    pub(crate) fn open(path: &Path) -> Result<Reader, StoreError> {
-        probe(path)?;
+    pub(crate) fn open(database: &Database) -> Result<Reader, StoreError> {
+        probe(database)?;
+        let path = database.path();
+        let keyed = database.clone();
         let manager = SqliteConnectionManager::file(path)
             .with_flags(READ_FLAGS)
-            .with_init(|c| c.busy_timeout(BUSY_TIMEOUT));
+            .with_init(move |c| {
+                keyed.unlock(c)?;
+                c.busy_timeout(BUSY_TIMEOUT)
+            });
         let pool = r2d2::Pool::builder()
             .max_size(4)
             .min_idle(Some(0))
@@ -307,7 +311,7 @@ mod tests {
     /// A database holding one row per status, and its reader.
     fn fixture(dir: &Path) -> (rusqlite::Connection, Reader) {
         let path = dir.join("t.db");
-        let conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        let conn = open_writer_connection(&Database::plain(&path), Synchronous::Full).unwrap();
         for status in Status::ALL {
             conn.execute(
                 "INSERT INTO msg_log (id, msg, status, create_time) VALUES (?1, 'x', ?2, 1)",
@@ -315,7 +319,7 @@ mod tests {
             )
             .unwrap();
         }
-        (conn, Reader::open(&path).unwrap())
+        (conn, Reader::open(&Database::plain(&path)).unwrap())
     }
 
     #[test]
@@ -376,7 +380,9 @@ mod tests {
         ];
         for (path, cause) in cases {
             let start = std::time::Instant::now();
-            let err = Reader::open(path).map(|_| ()).unwrap_err();
+            let err = Reader::open(&Database::plain(path))
+                .map(|_| ())
+                .unwrap_err();
             assert!(start.elapsed() < Duration::from_secs(1), "{err}");
             assert!(err.to_string().contains(cause), "{}: {err}", path.display());
             assert!(
@@ -385,7 +391,9 @@ mod tests {
             );
         }
         assert!(matches!(
-            Reader::open(&garbage).map(|_| ()).unwrap_err(),
+            Reader::open(&Database::plain(&garbage))
+                .map(|_| ())
+                .unwrap_err(),
             StoreError::Corrupt { .. }
         ));
         assert_eq!(std::fs::read(&garbage).unwrap(), vec![0x42u8; 8192]);

@@ -294,7 +294,7 @@ mod tests {
     use crate::store::open::open_writer_connection;
     use crate::store::types::TRANSITIONS;
     use crate::store::{
-        now_ms, Admin, Consumption, Delivered, PublishOutcome, RetryPolicy, Status,
+        now_ms, Admin, Consumption, Database, Delivered, PublishOutcome, RetryPolicy, Status,
     };
 
     fn delivered(id: &str) -> Delivered {
@@ -310,7 +310,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let mut conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        let mut conn = open_writer_connection(&Database::plain(&path), Synchronous::Full).unwrap();
         let policy = RetryPolicy {
             max_attempts: 1,
             retry_interval_ms: 1000,
@@ -355,7 +355,7 @@ mod tests {
                 }
                 tx.commit().unwrap();
                 if write == "retry" {
-                    Admin::open(&path)
+                    Admin::open(&Database::plain(&path))
                         .unwrap()
                         .retry(std::slice::from_ref(&id))
                         .unwrap();

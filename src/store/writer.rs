@@ -199,7 +199,14 @@ impl Writer {
         requests: mpsc::Receiver<WriteRequest>,
         new_rows: Arc<Notify>,
     ) -> Result<Writer, StoreError> {
-        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        // SQLCipher answers `page_size` on a keyed database as text.
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| {
+            Ok(match r.get::<_, rusqlite::types::Value>(0)? {
+                rusqlite::types::Value::Integer(n) => n,
+                rusqlite::types::Value::Text(t) => t.parse().unwrap_or(4096),
+                _ => 4096,
+            })
+        })?;
         let mut writer = Writer {
             conn,
             path,
