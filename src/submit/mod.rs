@@ -39,9 +39,10 @@
 //!   this stays the exception (crate::fd_limit; docs/operations.md, File
 //!   descriptors). Other transient accept failures pause the loop instead
 //!   of ending it.
-//! - On shutdown the listener closes and the socket file goes first; lines
-//!   already read are answered, later ones get `shutting_down`; the server
-//!   returns when every connection has ended.
+//! - On shutdown the listener closes and the socket file goes first; each
+//!   connection answers the lines it had taken, then one `shutting_down`,
+//!   and is closed (`connection.rs`); the server returns when every
+//!   connection has ended, about 1 s at most.
 
 mod connection;
 mod lines;
@@ -64,6 +65,7 @@ use crate::config::SubmitConfig;
 use crate::metrics::Metrics;
 use crate::protocol::{Answer, ErrorCode, Refusal};
 use crate::status::StatusReport;
+use crate::stop::StopTally;
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +134,8 @@ impl SubmitSocket {
 pub(crate) struct SubmitServer {
     socket: SubmitSocket,
     shared: Arc<Shared>,
+    /// Where the stop's connections are counted.
+    stop: Arc<StopTally>,
 }
 
 /// What every connection of the server reads.
@@ -162,13 +166,24 @@ impl SubmitServer {
                 metrics,
                 max_line,
             }),
+            stop: StopTally::new(),
         }
+    }
+
+    /// Counts the connections answered on shutdown in `tally`.
+    pub(crate) fn noting_stop_in(mut self, tally: Arc<StopTally>) -> Self {
+        self.stop = tally;
+        self
     }
 
     /// Serves until `shutdown`, then removes the socket file and waits for
     /// the connections to answer what they read.
     pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), SubmitError> {
-        let SubmitServer { socket, shared } = self;
+        let SubmitServer {
+            socket,
+            shared,
+            stop,
+        } = self;
         let slots = Arc::new(Semaphore::new(shared.config.max_connections.get()));
         let connections = TaskTracker::new();
         let mut spare = Spare::open();
@@ -183,7 +198,9 @@ impl SubmitServer {
                     Ok(permit) => {
                         let shared = shared.clone();
                         let shutdown = shutdown.clone();
-                        connections.spawn(connection::serve(stream, permit, shared, shutdown));
+                        let stop = stop.clone();
+                        connections
+                            .spawn(connection::serve(stream, permit, shared, shutdown, stop));
                     }
                     Err(_) => refuse_now(stream, &shared, too_many_connections(&shared.config)),
                 },
