@@ -149,6 +149,7 @@ async fn start(config: &Config) -> Result<Started, AppError> {
     };
     tracing::info!(
         socket = %socket.path().display(),
+        socket_activated = socket.activated(),
         database = %config.store.path.display(),
         metrics = %config.metrics.listen.map(|a| a.to_string()).unwrap_or_default(),
         version = env!("CARGO_PKG_VERSION"),

@@ -218,3 +218,215 @@ fn a_stop_under_a_steady_stream_is_fast_and_explained() {
     ok.sort();
     assert_eq!(stored_ids(&agent), ok);
 }
+
+// ------------------------------------------------------ socket activation
+
+/// What a retrying one-at-a-time client met, in the order it submitted.
+#[derive(Debug, Default)]
+struct Retrying {
+    /// Ids answered `ok`, in order.
+    ok: Vec<String>,
+    /// Connects that failed (`ENOENT`, `ECONNREFUSED`): what a client sees
+    /// of a restart without socket activation. Must stay 0.
+    connect_errors: Vec<String>,
+    /// `shutting_down` answers, and connections that ended without an
+    /// answer (a write or read meeting the closed connection): both mean
+    /// "reconnect and resend".
+    shutting_down: usize,
+    cut: usize,
+    /// The longest time one message took, resends included.
+    slowest: Duration,
+}
+
+/// Submits `{name}-0`, `{name}-1`, … one at a time until `stop`, resending
+/// on `shutting_down` or a connection that ended over a new connection
+/// (docs/protocol.md, Error codes), as the examples in `examples/` do.
+fn retrying_client(
+    socket: &std::path::Path,
+    name: &str,
+    stop: &std::sync::atomic::AtomicBool,
+    progress: &std::sync::atomic::AtomicUsize,
+) -> Retrying {
+    use std::sync::atomic::Ordering;
+    let mut seen = Retrying::default();
+    let mut connection: Option<(BufReader<UnixStream>, UnixStream)> = None;
+    let mut i = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let id = format!("{name}-{i}");
+        let line =
+            json!({"exchange": "", "routing_key": "k", "id": id, "payload": i}).to_string() + "\n";
+        let started = Instant::now();
+        loop {
+            assert!(started.elapsed() < DEADLINE, "{id} never answered ok");
+            let (reader, writer) = match connection.as_mut() {
+                Some(c) => c,
+                None => match UnixStream::connect(socket) {
+                    Ok(stream) => {
+                        stream
+                            .set_read_timeout(Some(DEADLINE))
+                            .expect("read timeout");
+                        let reader = BufReader::new(stream.try_clone().expect("clone"));
+                        connection.insert((reader, stream))
+                    }
+                    Err(e) => {
+                        seen.connect_errors.push(e.to_string());
+                        std::thread::sleep(Duration::from_millis(50)); // a client's backoff
+                        continue;
+                    }
+                },
+            };
+            let mut answer = String::new();
+            let answered = writer
+                .write_all(line.as_bytes())
+                .and_then(|()| reader.read_line(&mut answer));
+            match answered {
+                Ok(n) if n > 0 => {
+                    let answer: Value = serde_json::from_str(&answer).expect("answer JSON");
+                    if answer["ok"] == json!(true) {
+                        assert_eq!(ok_id(&answer), id);
+                        break;
+                    }
+                    refused(&answer, "shutting_down");
+                    seen.shutting_down += 1;
+                }
+                Ok(_) => seen.cut += 1,
+                Err(e) => {
+                    assert!(
+                        matches!(
+                            e.kind(),
+                            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                        ),
+                        "{id}: {e}"
+                    );
+                    seen.cut += 1;
+                }
+            }
+            connection = None;
+        }
+        seen.slowest = seen.slowest.max(started.elapsed());
+        seen.ok.push(id);
+        progress.fetch_add(1, Ordering::SeqCst);
+        i += 1;
+    }
+    seen
+}
+
+/// With socket activation (the socket held across restarts, as
+/// `edge-outbox.socket` holds it), two restarts under a stream of submits
+/// cost the client no error: its reconnects wait in the kernel's queue for
+/// the next agent, every message ends `ok` and stored, and the agent never
+/// unlinks the socket.
+#[test]
+fn restarts_under_a_stream_cost_a_socket_activated_client_no_error() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let mut agent = Agent::builder(BIN).socket_activated().start();
+    let socket = agent.socket.clone();
+    let (stop, progress) = (AtomicBool::new(false), AtomicUsize::new(0));
+    let seen = std::thread::scope(|s| {
+        let client = s.spawn(|| retrying_client(&socket, "act", &stop, &progress));
+        for restart in 1..=2 {
+            let before = progress.load(Ordering::SeqCst);
+            wait_until("the stream to flow", DEADLINE, || {
+                progress.load(Ordering::SeqCst) > before + 300
+            });
+            let t = Instant::now();
+            agent.restart();
+            eprintln!("restart {restart} took {:?}", t.elapsed());
+            assert!(socket.exists(), "the socket file was unlinked");
+        }
+        let before = progress.load(Ordering::SeqCst);
+        wait_until("the stream to flow after the restarts", DEADLINE, || {
+            progress.load(Ordering::SeqCst) > before + 300
+        });
+        stop.store(true, Ordering::SeqCst);
+        client.join().expect("client")
+    });
+    eprintln!(
+        "{} ok, {} shutting_down, {} cut, slowest message {:?}, connect errors {:?}",
+        seen.ok.len(),
+        seen.shutting_down,
+        seen.cut,
+        seen.slowest,
+        seen.connect_errors
+    );
+    assert!(seen.connect_errors.is_empty(), "{:?}", seen.connect_errors);
+    assert!(
+        seen.shutting_down + seen.cut <= 2 * 2,
+        "more than one reconnect per restart"
+    );
+    let mut ok = seen.ok.clone();
+    ok.sort();
+    assert_eq!(stored_ids(&agent), ok);
+    assert!(agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("edge-outbox ready"))
+        .all(|l| l.contains("socket_activated=true")));
+}
+
+/// `systemd-socket-activate` (no systemd running) binds the socket and
+/// execs the agent on the first connection: it serves on that socket,
+/// stops cleanly and leaves the socket file to its owner.
+#[test]
+fn systemd_socket_activate_runs_the_agent_on_its_socket() {
+    let mut agent = Agent::builder(BIN)
+        .through_systemd_socket_activate()
+        .start();
+    let mut c = agent.client();
+    let id = ok_id(&c.submit("", "k", json!("via systemd-socket-activate")));
+    assert_eq!(c.request(&json!({"op": "status"}))["ok"], json!(true));
+    agent.terminate();
+    assert_eq!(
+        refused(&c.answer(), "shutting_down"),
+        "the agent is shutting down"
+    );
+    let status = agent.wait_exit(DEADLINE);
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(
+        agent.socket.exists(),
+        "the agent unlinked a socket it did not create"
+    );
+    assert_eq!(stored_ids(&agent), vec![id]);
+    let log = agent.log_text();
+    assert!(log.contains("socket_activated=true"), "{log}");
+}
+
+/// A passed socket that is not the one `submit.socket` names is a start-up
+/// failure that says which two paths differ; nothing is served on it.
+#[test]
+fn a_passed_socket_elsewhere_than_submit_socket_is_refused() {
+    let agent = Agent::builder(BIN).prepare();
+    let other = agent.path().join("other.sock");
+    let log = std::fs::File::create(agent.path().join("activate.log")).expect("log");
+    let mut child = std::process::Command::new(edge_outbox_testkit::agent::SYSTEMD_SOCKET_ACTIVATE)
+        .arg("-l")
+        .arg(&other)
+        .arg(BIN)
+        .args(["run", "-c"])
+        .arg(&agent.config)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("systemd-socket-activate");
+    let mut exit = None;
+    wait_until(
+        "the tool to listen, then the agent to exit",
+        DEADLINE,
+        || {
+            let _ = UnixStream::connect(&other);
+            exit = child.try_wait().expect("wait");
+            exit.is_some()
+        },
+    );
+    let status = exit.expect("exit status");
+    let log = std::fs::read_to_string(agent.path().join("activate.log")).expect("log");
+    assert!(!status.success(), "{status}\n{log}");
+    assert!(
+        log.contains("the passed socket is") && log.contains("but submit.socket is"),
+        "{log}"
+    );
+    assert!(
+        !agent.socket.exists(),
+        "the agent bound submit.socket itself"
+    );
+}
