@@ -10,7 +10,10 @@
 //!    then is named in the log and abandoned (the table is the truth: what
 //!    it held is redone at the next start);
 //! 3. close the store last, so every answer the connections still owe can
-//!    be committed first.
+//!    be committed first;
+//! 4. log one line, `edge-outbox stopped`, saying what the stop waited for
+//!    (connections answered, confirms awaited, tasks abandoned) and how long
+//!    it took ([`crate::stop`]).
 //!
 //! A second SIGTERM/SIGINT exits at once. SIGHUP is logged and ignored
 //! (no reload: the configuration is read at start). Any task that ends with an error
@@ -18,7 +21,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinSet;
@@ -32,6 +35,7 @@ use crate::metrics::{report_source, Metrics, MetricsError, MetricsServer};
 use crate::purge::Purge;
 use crate::service::{self, Prober, StatusNotifier, Watchdog};
 use crate::status::{BrokerState, StatusReport};
+use crate::stop::StopTally;
 use crate::store::{Store, StoreError};
 use crate::submit::{StatusSource, SubmitError, SubmitServer, SubmitSocket};
 
@@ -69,14 +73,24 @@ pub(crate) async fn run(mut config: Config) -> Result<(), AppError> {
     let started = start(&config).await?;
     let store = started.store.clone();
     let shutdown = CancellationToken::new();
-    let mut tasks = spawn_tasks(&config, started, &shutdown);
+    let tally = StopTally::new();
+    let mut tasks = spawn_tasks(&config, started, &shutdown, &tally);
     let mut failure = signals.until_stop(&mut tasks).await;
+    let stopping = Instant::now();
     service::stopping();
     shutdown.cancel();
     signals.second_one_exits();
-    drain(&mut tasks, &mut failure).await;
+    let abandoned = drain(&mut tasks, &mut failure).await;
     store.close().await;
-    tracing::info!("edge-outbox stopped");
+    let waited = tally.figures();
+    tracing::info!(
+        connections = waited.connections,
+        confirms = waited.confirms,
+        unconfirmed = waited.unconfirmed,
+        abandoned,
+        duration_ms = u64::try_from(stopping.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "edge-outbox stopped"
+    );
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
@@ -135,6 +149,7 @@ async fn start(config: &Config) -> Result<Started, AppError> {
     };
     tracing::info!(
         socket = %socket.path().display(),
+        socket_activated = socket.activated(),
         database = %config.store.path.display(),
         metrics = %config.metrics.listen.map(|a| a.to_string()).unwrap_or_default(),
         version = env!("CARGO_PKG_VERSION"),
@@ -157,6 +172,7 @@ fn spawn_tasks(
     config: &Config,
     started: Started,
     shutdown: &CancellationToken,
+    tally: &Arc<StopTally>,
 ) -> JoinSet<TaskResult> {
     let Started {
         store,
@@ -179,7 +195,8 @@ fn spawn_tasks(
         store.clone(),
         status_source,
         metrics.clone(),
-    );
+    )
+    .noting_stop_in(tally.clone());
     spawn(&mut tasks, "submit", server.run(shutdown.clone()));
     if let Some(server) = metrics_server {
         spawn(&mut tasks, "metrics", server.run(shutdown.clone()));
@@ -202,6 +219,7 @@ fn spawn_tasks(
         forwarder_probes,
         metrics.clone(),
     );
+    let forwarder = forwarder.noting_stop_in(tally.clone());
     spawn(&mut tasks, "publish", forwarder.run(shutdown.clone()));
     let resend = Resend::new(config.publish.resend_every, passes);
     spawn(&mut tasks, "resend", resend.run(shutdown.clone()));
@@ -288,7 +306,8 @@ impl Signals {
 
 /// Waits for the tasks, at most [`DRAIN_TIMEOUT`]; a task still running
 /// then is named in the log and abandoned. The first failure is kept.
-async fn drain(tasks: &mut JoinSet<TaskResult>, failure: &mut Option<AppError>) {
+/// Returns how many tasks were abandoned.
+async fn drain(tasks: &mut JoinSet<TaskResult>, failure: &mut Option<AppError>) -> usize {
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while let Some(ended) = tasks.join_next().await {
             if let Some(e) = task_failure(ended) {
@@ -304,6 +323,7 @@ async fn drain(tasks: &mut JoinSet<TaskResult>, failure: &mut Option<AppError>) 
         );
         tasks.abort_all();
     }
+    tasks.len()
 }
 
 fn spawn<E: std::fmt::Display>(

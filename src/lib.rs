@@ -28,6 +28,7 @@
 //! | [`purge`] | the daily and on-demand deletion of old settled rows |
 //! | [`service`] | systemd: READY, STOPPING, STATUS, the progress-checked watchdog |
 //! | [`status`] | the status report shared by the socket, the CLI and metrics |
+//! | [`stop`] | the account of what an orderly stop waited for, for its log line |
 //! | [`metrics`] | Prometheus counters and gauges at `/metrics` |
 //! | [`digest`] | one log line per key and period for repeated events |
 //! | [`fd_limit`] | the descriptor budget: the soft limit raised, the connections clamped |
@@ -61,5 +62,6 @@ pub(crate) mod protocol;
 pub(crate) mod purge;
 pub(crate) mod service;
 pub(crate) mod status;
+pub(crate) mod stop;
 pub mod store;
 pub(crate) mod submit;

@@ -18,8 +18,14 @@
 //!   answer, for `submit.idle_timeout` is dropped.
 //! - A refused admission answers once and closes; a refused request leaves
 //!   the connection usable.
-//! - After shutdown, lines already read are answered; later ones get
-//!   `shutting_down` until the client is quiet for [`DRAIN_GRACE`].
+//! - On shutdown the reader takes no further line: the lines it had taken
+//!   are answered, then one `shutting_down` stands for everything the
+//!   client sent after them, and the write side is shut
+//!   (docs/protocol.md, Connection-level behaviour). The answers owed get
+//!   [`STOP_WRITE`] in all; the connection then waits at most
+//!   [`STOP_LINGER`] for the client to hang up (discarding what it still
+//!   sends, so it reads its answers and an end of file rather than a
+//!   reset) and is closed. A stop never waits for a client to go quiet.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,13 +41,16 @@ use super::parse::{new_message, parse_request};
 use super::Shared;
 use crate::config::SubmitConfig;
 use crate::protocol::{Accepted, Answer, ErrorCode, Refusal, Request, StatusAnswer, SubmitAnswer};
+use crate::stop::StopTally;
 use crate::store::{PendingInsert, StoreError};
 
 /// Answers queued per connection before the reader waits for the writer.
 const PIPELINE_DEPTH: usize = 4096;
-/// After shutdown, how long a connection keeps answering `shutting_down`
-/// while its client stays quiet, before it is closed.
-const DRAIN_GRACE: Duration = Duration::from_millis(500);
+/// After shutdown, how long a connection has to write the answers it owes.
+const STOP_WRITE: Duration = Duration::from_secs(1);
+/// After its last answer on shutdown, how long a connection waits for the
+/// client to hang up before it is closed.
+const STOP_LINGER: Duration = Duration::from_millis(250);
 
 impl From<&StoreError> for Refusal {
     fn from(e: &StoreError) -> Self {
@@ -85,21 +94,48 @@ pub(super) async fn serve(
     permit: OwnedSemaphorePermit,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    stop: Arc<StopTally>,
 ) {
     let refusal = admission(&stream, &shared.config);
     let (read_half, write_half) = stream.into_split();
     let (answers, queued) = mpsc::channel(PIPELINE_DEPTH);
     let idle = shared.config.idle_timeout;
-    let writer = tokio::spawn(write_answers(write_half, queued, shared.clone(), idle));
-    match refusal {
+    let writer = tokio::spawn(write_answers(
+        write_half,
+        queued,
+        shared.clone(),
+        idle,
+        shutdown.clone(),
+    ));
+    let stopped = match refusal {
         Some(refusal) => {
             let _ = answers.send(PendingAnswer::Refused(refusal)).await;
+            None
         }
-        None => read_requests(read_half, &answers, &shared, &shutdown).await,
-    }
+        None => {
+            let mut lines = LineReader::new(read_half, shared.max_line);
+            match read_requests(&mut lines, &answers, &shared, &shutdown).await {
+                ReadEnd::Stop => Some(lines),
+                ReadEnd::Client => None,
+            }
+        }
+    };
     drop(answers);
     let _ = writer.await;
+    if let Some(mut lines) = stopped {
+        linger(&mut lines).await;
+        stop.connection_answered();
+    }
     drop(permit);
+}
+
+/// Waits (at most [`STOP_LINGER`]) for the client to hang up after its last
+/// answer, discarding what it still sends.
+async fn linger(lines: &mut LineReader<OwnedReadHalf>) {
+    let _ = tokio::time::timeout(STOP_LINGER, async {
+        while let Ok(Line::Complete(_) | Line::TooLong(_)) = lines.next_line().await {}
+    })
+    .await;
 }
 
 /// Why the client may not be served, if it may not.
@@ -134,33 +170,34 @@ fn authorized(config: &SubmitConfig, uid: u32, gid: u32) -> bool {
         || config.allowed_gids.contains(&gid)
 }
 
+/// Why [`read_requests`] returned.
+enum ReadEnd {
+    /// The client hung up, went idle, or the connection failed.
+    Client,
+    /// The agent is stopping: the `shutting_down` answer is queued.
+    Stop,
+}
+
 async fn read_requests(
-    read_half: OwnedReadHalf,
+    lines: &mut LineReader<OwnedReadHalf>,
     answers: &mpsc::Sender<PendingAnswer>,
     shared: &Shared,
     shutdown: &CancellationToken,
-) {
-    let mut lines = LineReader::new(read_half, shared.max_line);
-    let mut draining = false;
+) -> ReadEnd {
     loop {
-        let wait = if draining {
-            DRAIN_GRACE
-        } else {
-            shared.config.idle_timeout
-        };
         let read = tokio::select! {
-            // Shutdown first: once it has begun (the socket file is gone), a
-            // line that arrives is refused, never stored by the luck of a
-            // random branch order.
+            // Shutdown first: once it has begun, no further line is taken,
+            // never one stored by the luck of a random branch order.
             biased;
-            _ = shutdown.cancelled(), if !draining => {
-                draining = true;
-                continue;
+            _ = shutdown.cancelled() => {
+                let refusal = Refusal::new(ErrorCode::ShuttingDown, "the agent is shutting down");
+                let _ = answers.send(PendingAnswer::Refused(refusal)).await;
+                return ReadEnd::Stop;
             }
-            read = tokio::time::timeout(wait, lines.next_line()) => read,
+            read = tokio::time::timeout(shared.config.idle_timeout, lines.next_line()) => read,
         };
         let pending = match read {
-            Err(_) | Ok(Ok(Line::Eof)) | Ok(Err(_)) => return,
+            Err(_) | Ok(Ok(Line::Eof)) | Ok(Err(_)) => return ReadEnd::Client,
             Ok(Ok(Line::TooLong(len))) => PendingAnswer::Refused(Refusal::new(
                 ErrorCode::TooLarge,
                 format!(
@@ -169,14 +206,10 @@ async fn read_requests(
                     shared.max_line
                 ),
             )),
-            Ok(Ok(Line::Complete(_))) if draining => PendingAnswer::Refused(Refusal::new(
-                ErrorCode::ShuttingDown,
-                "the agent is shutting down",
-            )),
             Ok(Ok(Line::Complete(line))) => handle(&line, shared).await,
         };
         if answers.send(pending).await.is_err() {
-            return;
+            return ReadEnd::Client;
         }
     }
 }
@@ -200,11 +233,32 @@ async fn handle(line: &[u8], shared: &Shared) -> PendingAnswer {
 }
 
 /// Resolves answers in request order and writes them, flushing whenever no
-/// further answer is queued. A client that stops reading for `idle` is dropped.
+/// further answer is queued, then shuts the write side. A client that stops
+/// reading for `idle` is dropped; once the stop has begun, what is still
+/// owed gets [`STOP_WRITE`] in all.
 async fn write_answers(
     write_half: OwnedWriteHalf,
-    mut queued: mpsc::Receiver<PendingAnswer>,
+    queued: mpsc::Receiver<PendingAnswer>,
     shared: Arc<Shared>,
+    idle: Duration,
+    shutdown: CancellationToken,
+) {
+    let stop_deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(STOP_WRITE).await;
+    };
+    tokio::select! {
+        () = write_all_answers(write_half, queued, &shared, idle) => {}
+        () = stop_deadline => {
+            tracing::debug!("answers still owed {STOP_WRITE:?} after the stop began; closing the connection");
+        }
+    }
+}
+
+async fn write_all_answers(
+    write_half: OwnedWriteHalf,
+    mut queued: mpsc::Receiver<PendingAnswer>,
+    shared: &Arc<Shared>,
     idle: Duration,
 ) {
     let mut out = BufWriter::with_capacity(64 * 1024, write_half);
@@ -237,7 +291,7 @@ async fn write_answers(
                 };
                 shared.answer(&answer)
             }
-            PendingAnswer::Status => status_line(&shared).await,
+            PendingAnswer::Status => status_line(shared).await,
         };
         if !matches!(
             tokio::time::timeout(idle, out.write_all(&line)).await,

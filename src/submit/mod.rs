@@ -6,11 +6,14 @@
 //! this component is the server side of them.
 //!
 //! Owns: the socket file (created on start, a stale one from a crashed run
-//! replaced, a live agent on the same path detected; removed on exit), the
-//! accept loop, the per-connection tasks, the connection limit.
+//! replaced, a live agent on the same path detected; removed on exit) or,
+//! under socket activation, the listening socket systemd passed (used as
+//! it is, never unlinked), the accept loop, the per-connection tasks, the
+//! connection limit.
 //!
 //! Layout:
 //! - `mod.rs`: the socket file, the accept loop, shutdown;
+//! - `activation.rs`: the listening socket passed by systemd (`LISTEN_FDS`);
 //! - `connection.rs`: serving one connection: admission by peer
 //!   credentials, the reader and writer tasks, idle timeouts;
 //! - `parse.rs`: a request line → a typed request → a `NewMessage`, or a
@@ -39,10 +42,13 @@
 //!   this stays the exception (crate::fd_limit; docs/operations.md, File
 //!   descriptors). Other transient accept failures pause the loop instead
 //!   of ending it.
-//! - On shutdown the listener closes and the socket file goes first; lines
-//!   already read are answered, later ones get `shutting_down`; the server
-//!   returns when every connection has ended.
+//! - On shutdown the listener closes and the socket file goes first (a
+//!   passed socket stays: the service manager keeps it listening); each
+//!   connection answers the lines it had taken, then one `shutting_down`,
+//!   and is closed (`connection.rs`); the server returns when every
+//!   connection has ended, about 1 s at most.
 
+mod activation;
 mod connection;
 mod lines;
 mod parse;
@@ -64,6 +70,7 @@ use crate::config::SubmitConfig;
 use crate::metrics::Metrics;
 use crate::protocol::{Answer, ErrorCode, Refusal};
 use crate::status::StatusReport;
+use crate::stop::StopTally;
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +83,8 @@ pub(crate) enum SubmitError {
     Bind { path: PathBuf, source: io::Error },
     #[error("accepting connections on {path}: {source}")]
     Accept { path: PathBuf, source: io::Error },
+    #[error("socket activation: {0}")]
+    Activation(String),
 }
 
 /// Produces the report for `{"op":"status"}`; given by the wiring, so this
@@ -87,12 +96,27 @@ pub(crate) type StatusSource = Arc<dyn Fn() -> Result<StatusReport, String> + Se
 pub(crate) struct SubmitSocket {
     listener: UnixListener,
     path: PathBuf,
+    /// Passed by systemd: not ours to unlink.
+    activated: bool,
 }
 
 impl SubmitSocket {
-    /// Creates the socket file: replaces a stale one, refuses when a live
-    /// agent answers on it or when the path is something else.
+    /// The socket systemd passed (socket activation), else a socket file
+    /// the agent creates: a stale one is replaced; a live agent answering
+    /// on it, or a path that is something else, is refused.
     pub(crate) fn bind(config: &SubmitConfig) -> Result<SubmitSocket, SubmitError> {
+        if let Some((listener, path)) = activation::passed_listener(&config.socket)? {
+            let listener =
+                UnixListener::from_std(listener).map_err(|source| SubmitError::Bind {
+                    path: path.clone(),
+                    source,
+                })?;
+            return Ok(SubmitSocket {
+                listener,
+                path,
+                activated: true,
+            });
+        }
         let path = config.socket.clone();
         let bind_error = |source| SubmitError::Bind {
             path: path.clone(),
@@ -120,11 +144,20 @@ impl SubmitSocket {
             std::fs::Permissions::from_mode(config.socket_mode.bits()),
         )
         .map_err(bind_error)?;
-        Ok(SubmitSocket { listener, path })
+        Ok(SubmitSocket {
+            listener,
+            path,
+            activated: false,
+        })
     }
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The socket was passed by systemd (socket activation).
+    pub(crate) fn activated(&self) -> bool {
+        self.activated
     }
 }
 
@@ -132,6 +165,8 @@ impl SubmitSocket {
 pub(crate) struct SubmitServer {
     socket: SubmitSocket,
     shared: Arc<Shared>,
+    /// Where the stop's connections are counted.
+    stop: Arc<StopTally>,
 }
 
 /// What every connection of the server reads.
@@ -162,13 +197,24 @@ impl SubmitServer {
                 metrics,
                 max_line,
             }),
+            stop: StopTally::new(),
         }
+    }
+
+    /// Counts the connections answered on shutdown in `tally`.
+    pub(crate) fn noting_stop_in(mut self, tally: Arc<StopTally>) -> Self {
+        self.stop = tally;
+        self
     }
 
     /// Serves until `shutdown`, then removes the socket file and waits for
     /// the connections to answer what they read.
     pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), SubmitError> {
-        let SubmitServer { socket, shared } = self;
+        let SubmitServer {
+            socket,
+            shared,
+            stop,
+        } = self;
         let slots = Arc::new(Semaphore::new(shared.config.max_connections.get()));
         let connections = TaskTracker::new();
         let mut spare = Spare::open();
@@ -183,7 +229,9 @@ impl SubmitServer {
                     Ok(permit) => {
                         let shared = shared.clone();
                         let shutdown = shutdown.clone();
-                        connections.spawn(connection::serve(stream, permit, shared, shutdown));
+                        let stop = stop.clone();
+                        connections
+                            .spawn(connection::serve(stream, permit, shared, shutdown, stop));
                     }
                     Err(_) => refuse_now(stream, &shared, too_many_connections(&shared.config)),
                 },
@@ -221,7 +269,11 @@ impl SubmitServer {
             }
         };
         drop(socket.listener);
-        let _ = std::fs::remove_file(&socket.path);
+        // A passed socket stays: the service manager still listens on it,
+        // and the next agent's clients are queueing there.
+        if !socket.activated {
+            let _ = std::fs::remove_file(&socket.path);
+        }
         connections.close();
         connections.wait().await;
         result

@@ -15,10 +15,16 @@
 //! when the test is failing, prints the agent's config and log tail. Talking
 //! to it: [`crate::client`] (socket), [`crate::cli`] (command line),
 //! [`crate::db`] (its database).
+//!
+//! Socket activation ([`AgentBuilder::socket_activated`],
+//! [`AgentBuilder::through_systemd_socket_activate`]): the socket is passed
+//! to the agent, which is then ready when its log says `edge-outbox ready`
+//! (a connect succeeds before that: the kernel queues it).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::net::UnixStream;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -29,6 +35,20 @@ use crate::wait::wait_until;
 
 /// How long an agent gets to start listening.
 pub const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// `systemd-socket-activate`, from the Debian package `systemd`.
+pub const SYSTEMD_SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
+
+/// Who listens on the agent's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// The agent binds it.
+    None,
+    /// The kit holds it and passes it at each start ([`AgentBuilder::socket_activated`]).
+    Held,
+    /// `systemd-socket-activate` binds and passes it ([`AgentBuilder::through_systemd_socket_activate`]).
+    Tool,
+}
 
 /// A running (or stopped) agent and its temp directory.
 pub struct Agent {
@@ -43,6 +63,9 @@ pub struct Agent {
     pub(crate) env: Vec<(String, String)>,
     /// `RLIMIT_NOFILE` (soft, hard) for the agent's processes.
     pub(crate) fd_limit: Option<(u64, u64)>,
+    pub(crate) activation: Activation,
+    /// The listening socket the kit holds for [`Activation::Held`].
+    pub(crate) held: Option<UnixListener>,
     pub(crate) child: Option<Child>,
 }
 
@@ -67,7 +90,12 @@ impl Agent {
     /// `RUST_LOG` removed (they must not configure the agent) and the
     /// builder's environment set.
     pub(crate) fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.bin);
+        self.command_for(self.bin.as_os_str())
+    }
+
+    /// [`Agent::command`] with another program (a launcher of the binary).
+    fn command_for(&self, program: &std::ffi::OsStr) -> Command {
+        let mut cmd = Command::new(program);
         for (key, _) in std::env::vars() {
             if key.starts_with("EDGE_OUTBOX_") {
                 cmd.env_remove(key);
@@ -122,17 +150,44 @@ impl Agent {
             .expect("opening the agent log")
     }
 
-    /// Starts `edge-outbox run` and waits until its socket accepts.
+    /// `edge-outbox run` as the builder's activation launches it.
+    fn run_command(&self) -> Command {
+        let mut cmd = match self.activation {
+            Activation::None => self.command(),
+            Activation::Held => {
+                let mut cmd = self.command_for("sh".as_ref());
+                // `$$` is the shell's pid, which `exec` hands to the agent.
+                cmd.arg("-c")
+                    .arg(r#"export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" "$@""#)
+                    .arg(&self.bin);
+                let held = self.held.as_ref().expect("the held socket");
+                pass_as_fd3(&mut cmd, held.as_raw_fd());
+                cmd
+            }
+            Activation::Tool => {
+                let mut cmd = self.command_for(SYSTEMD_SOCKET_ACTIVATE.as_ref());
+                cmd.arg("-l").arg(&self.socket);
+                for (k, v) in &self.env {
+                    cmd.arg(format!("-E{k}={v}"));
+                }
+                cmd.arg(&self.bin);
+                cmd
+            }
+        };
+        cmd.arg("run").arg("-c").arg(&self.config);
+        cmd
+    }
+
+    /// Starts `edge-outbox run` and waits until it is ready: its socket
+    /// accepts or, with socket activation, its log says so.
     pub(crate) fn spawn_and_wait_ready(&mut self) {
         assert!(self.child.is_none(), "the agent is already running");
         let log = self.log_file();
+        let log_start = self.log_text().len();
         let mut marker = log.try_clone().expect("log fd");
         let _ = writeln!(marker, "----- harness: starting the agent -----");
         let child = self
-            .command()
-            .arg("run")
-            .arg("-c")
-            .arg(&self.config)
+            .run_command()
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -140,6 +195,7 @@ impl Agent {
             .expect("spawning edge-outbox run");
         self.child = Some(child);
         let start = Instant::now();
+        let mut poked = false;
         loop {
             if let Some(status) = self.try_wait() {
                 panic!(
@@ -147,7 +203,20 @@ impl Agent {
                     self.log_text()
                 );
             }
-            if UnixStream::connect(&self.socket).is_ok() {
+            let ready = match self.activation {
+                Activation::None => UnixStream::connect(&self.socket).is_ok(),
+                Activation::Held | Activation::Tool => {
+                    // systemd-socket-activate execs the agent on the first
+                    // connection: make one.
+                    if self.activation == Activation::Tool && !poked {
+                        poked = UnixStream::connect(&self.socket).is_ok();
+                    }
+                    self.log_text()
+                        .get(log_start..)
+                        .is_some_and(|new| new.contains("edge-outbox ready"))
+                }
+            };
+            if ready {
                 return;
             }
             if start.elapsed() > START_DEADLINE {
@@ -249,6 +318,28 @@ impl Drop for Agent {
                 tail(&self.log_text(), 200)
             );
         }
+    }
+}
+
+/// Makes `fd` the child's descriptor 3, inherited across `exec`, as the
+/// service manager passes a listening socket (`SD_LISTEN_FDS_START`).
+fn pass_as_fd3(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    use std::mem::ManuallyDrop;
+    use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only dup2 and fcntl run: system calls,
+    // no allocation, no lock. `fd` stays open in the parent (the Agent holds
+    // the listener) until the child has exec'd. Descriptor 3 of the child
+    // is never closed here (ManuallyDrop): it is what the agent inherits.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut target = ManuallyDrop::new(OwnedFd::from_raw_fd(3));
+            if fd != 3 {
+                rustix::io::dup2(BorrowedFd::borrow_raw(fd), &mut target)?;
+            }
+            rustix::io::fcntl_setfd(&*target, rustix::io::FdFlags::empty())?;
+            Ok(())
+        });
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::agent::Agent;
+use crate::agent::{Activation, Agent};
 
 /// A broker address nothing listens on.
 pub const DEAD_BROKER: &str = "amqp://guest:guest@127.0.0.1:1/%2f";
@@ -32,6 +32,8 @@ pub struct AgentBuilder {
     temp_parent: Option<PathBuf>,
     /// `RLIMIT_NOFILE` (soft, hard) the agent starts with; the test's own when unset.
     fd_limit: Option<(u64, u64)>,
+    /// Who listens on the socket: the agent, or a socket passed to it.
+    activation: Activation,
 }
 
 impl AgentBuilder {
@@ -42,7 +44,27 @@ impl AgentBuilder {
             env: Vec::new(),
             temp_parent: None,
             fd_limit: None,
+            activation: Activation::None,
         }
+    }
+
+    /// Socket activation as systemd's `edge-outbox.socket` does it: the kit
+    /// binds the socket and keeps it listening for the agent's whole life,
+    /// restarts included; each start passes it as descriptor 3 with
+    /// `LISTEN_FDS=1` and `LISTEN_PID` (the agent's own pid, through a
+    /// `sh` that execs it). Connections made while the agent is down wait
+    /// in the kernel's queue.
+    pub fn socket_activated(mut self) -> Self {
+        self.activation = Activation::Held;
+        self
+    }
+
+    /// Starts the agent through `systemd-socket-activate -l SOCKET`, which
+    /// binds the socket and execs the agent on the first connection. The
+    /// tool passes on only the builder's environment (as `-E`).
+    pub fn through_systemd_socket_activate(mut self) -> Self {
+        self.activation = Activation::Tool;
+        self
     }
 
     /// Sets `[section] key = value`; `value` is TOML (`"3"`, `"\"1s\""`,
@@ -171,6 +193,13 @@ impl AgentBuilder {
             "socket path too long: {}",
             socket.display()
         );
+        let held = match self.activation {
+            Activation::Held => Some(
+                std::os::unix::net::UnixListener::bind(&socket)
+                    .unwrap_or_else(|e| panic!("binding {}: {e}", socket.display())),
+            ),
+            _ => None,
+        };
         Agent {
             db: get("store", "path"),
             socket,
@@ -180,6 +209,8 @@ impl AgentBuilder {
             bin: self.bin,
             env: self.env,
             fd_limit: self.fd_limit,
+            activation: self.activation,
+            held,
             child: None,
             dir,
         }

@@ -53,6 +53,7 @@ use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::service::{self, ProbeRx};
 use crate::status::BrokerState;
+use crate::stop::StopTally;
 use crate::store::{now_ms, RetryPolicy, Store, StoreError};
 
 /// How long shutdown waits for outstanding confirms.
@@ -129,6 +130,8 @@ pub(crate) struct Forwarder {
     reopens: Pace,
     /// The latest channel's generation (see [`Session::generation`]).
     generation: u64,
+    /// Where the shutdown drain notes the confirms it waited for.
+    stop: Arc<StopTally>,
 }
 
 /// Where the forwarder is with the broker (see the module header of
@@ -174,8 +177,15 @@ impl Forwarder {
             losses: Digest::default(),
             reopens: Pace::default(),
             generation: 0,
+            stop: StopTally::new(),
         };
         (forwarder, tx)
+    }
+
+    /// Notes the confirms the shutdown drain waits for in `tally`.
+    pub(crate) fn noting_stop_in(mut self, tally: Arc<StopTally>) -> Self {
+        self.stop = tally;
+        self
     }
 
     fn policy(&self) -> RetryPolicy {
@@ -474,6 +484,7 @@ impl Forwarder {
     async fn drain(&mut self, session: Wire<'_>) -> Result<(), ForwardError> {
         let wait = self.config.confirm_timeout.min(SHUTDOWN_CONFIRM_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
+        let outstanding = self.window.confirms.len() as u64;
         while !self.window.confirms.is_empty() {
             match tokio::time::timeout_at(deadline, self.window.confirms.next()).await {
                 Ok(Some(confirmed)) => {
@@ -484,6 +495,8 @@ impl Forwarder {
                 Ok(None) | Err(_) => break,
             }
         }
+        self.stop
+            .confirms_awaited(outstanding, self.window.confirms.len() as u64);
         self.flush_outcomes().await?;
         while let Some(settled) = self.window.settling.next().await {
             self.window.settled(settled, self.backlog.reads());
