@@ -507,20 +507,22 @@ fn health_answers_200_and_503_once_the_writer_is_wedged() {
     let started = Instant::now();
     let mut agent = Agent::builder(BIN)
         .set_str("metrics", "listen", format!("127.0.0.1:{port}"))
-        .env("EDGE_OUTBOX_WEDGE_FOR_TESTS", "2")
+        .env("EDGE_OUTBOX_WEDGE_FOR_TESTS", "5")
         .start();
     let healthy = metrics::get(port, "/health", None);
+    // Taken before the wedge time, or this run says nothing about health.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the agent took {:?} to start and answer",
+        started.elapsed()
+    );
     assert_eq!(
         (healthy.status, healthy.body.as_str()),
         (200, "ok\n"),
         "{healthy:?}"
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "too slow to see it healthy"
-    );
     wait_until("the wedge time", DEADLINE, || {
-        started.elapsed() > Duration::from_millis(2200)
+        started.elapsed() > Duration::from_millis(5200)
     });
     // The next group the writer takes wedges it.
     agent
@@ -1007,8 +1009,17 @@ fn every_refusal_has_an_exit_code_that_says_what_to_do() {
     let agent = Agent::builder(BIN)
         .set("submit", "max_connections", "1")
         .start();
-    let mut held = agent.client();
-    held.request(&json!({"op": "status"}));
+    // Admitted once the harness's readiness probe has given its slot back.
+    let mut held = None;
+    wait_until("a connection admitted", DEADLINE, || {
+        let mut c = agent.client();
+        let _ = c.send_raw(b"{\"op\":\"status\"}\n");
+        let admitted = c.read_answer().is_some_and(|a| a["ok"] == json!(true));
+        if admitted {
+            held = Some(c);
+        }
+        admitted
+    });
     let out = submit(&agent, &["x"]);
     assert_eq!(out.code, 75, "{out:?}");
     assert!(out.stderr.contains("too many connections"), "{out:?}");
@@ -1079,15 +1090,21 @@ fn a_socket_the_user_may_not_open_exits_77() {
     assert!(out.stderr.contains("Permission denied"), "{out:?}");
 }
 
-/// Runs `status --check ARGS` until its exit code is `code` (the agent's
-/// view changes asynchronously); the last output.
-fn check_until(agent: &Agent, args: &[&str], code: i32) -> edge_outbox_testkit::cli::CliOutput {
+/// Runs `status --check ARGS` until its exit code is `code` and its line
+/// starts with `line` (the agent's view changes asynchronously); the last
+/// output.
+fn check_until(
+    agent: &Agent,
+    args: &[&str],
+    code: i32,
+    line: &str,
+) -> edge_outbox_testkit::cli::CliOutput {
     let mut full = vec!["status", "--check"];
     full.extend_from_slice(args);
     let until = Instant::now() + DEADLINE;
     loop {
         let out = agent.cli(&full);
-        if out.code == code || Instant::now() > until {
+        if (out.code == code && out.stdout.starts_with(line)) || Instant::now() > until {
             return out;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -1101,7 +1118,7 @@ fn status_check_says_ok_or_critical_with_its_exit_code() {
     let url = broker::default_url();
     // Healthy: connected, nothing old.
     let agent = Agent::builder(BIN).forwarding_to(&url).start();
-    let out = check_until(&agent, &["--max-age", "1h"], 0);
+    let out = check_until(&agent, &["--max-age", "1h"], 0, "OK: broker connected");
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.starts_with("OK: broker connected"), "{out:?}");
     assert_eq!(out.stdout.lines().count(), 1, "{out:?}");
@@ -1113,7 +1130,7 @@ fn status_check_says_ok_or_critical_with_its_exit_code() {
     let agent = Agent::builder(BIN)
         .forwarding_to(&proxy.url_for(&url))
         .start();
-    let out = check_until(&agent, &["--max-disconnected", "1s"], 1);
+    let out = check_until(&agent, &["--max-disconnected", "1s"], 1, "CRITICAL");
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
         out.stdout.starts_with("CRITICAL: broker disconnected for "),
@@ -1126,7 +1143,12 @@ fn status_check_says_ok_or_critical_with_its_exit_code() {
 
     // A backlog older than --max-age (the broker still away, but allowed).
     ok_id(&agent.client().submit("", "k", json!(1)));
-    let out = check_until(&agent, &["--max-age", "1s", "--max-disconnected", "1h"], 1);
+    let out = check_until(
+        &agent,
+        &["--max-age", "1s", "--max-disconnected", "1h"],
+        1,
+        "CRITICAL",
+    );
     assert_eq!(out.code, 1, "{out:?}");
     assert!(
         out.stdout
