@@ -33,7 +33,7 @@ use crate::consume::Consumer;
 use crate::forward::{ForwardError, Forwarder, Resend};
 use crate::metrics::{report_source, Metrics, MetricsError, MetricsServer};
 use crate::purge::Purge;
-use crate::service::{self, Prober, StatusNotifier, Watchdog};
+use crate::service::{self, Health, Prober, StatusNotifier, Watchdog};
 use crate::status::{BrokerState, StatusReport};
 use crate::stop::StopTally;
 use crate::store::{Store, StoreError};
@@ -198,10 +198,16 @@ fn spawn_tasks(
     )
     .noting_stop_in(tally.clone());
     spawn(&mut tasks, "submit", server.run(shutdown.clone()));
-    if let Some(server) = metrics_server {
-        spawn(&mut tasks, "metrics", server.run(shutdown.clone()));
-    }
     let (forwarder_prober, forwarder_probes) = Prober::new("publish");
+    if let Some(server) = metrics_server {
+        // `/health` runs the watchdog's probes (docs/operations.md, Health).
+        let health = Health::new(store.clone(), vec![forwarder_prober.clone()]);
+        spawn(
+            &mut tasks,
+            "metrics",
+            server.with_health(health).run(shutdown.clone()),
+        );
+    }
     // The forwarder declares the agent's own consumer topology before it
     // publishes, so nothing goes to an exchange the agent itself creates
     // before that exchange exists (docs/forwarding.md, Connection).

@@ -1,14 +1,25 @@
-//! Metrics: Prometheus text format at `/metrics` (`metrics.listen`).
+//! Metrics: `/metrics` and `/health` on `metrics.listen`
+//! (docs/operations.md, Metrics and Health).
 //!
-//! Role: own the registry and every metric. Components hold an
+//! Role: own the registry and every metric, and serve both endpoints. Components hold an
 //! `Arc<Metrics>` and bump counters as events happen (submits, publishes,
 //! confirms, returns, nacks, timeouts, reconnects, deliveries, duplicates,
 //! handler failures, confirm latency); what the database knows (rows by
 //! status, delivering, oldest delivering age, database size, free disk) is read
 //! at scrape time, so it is never stale.
 //!
-//! Invariant: metrics never hold up the work: counters are atomics, and the
-//! scrape reads the database through the reader pool, not the writer.
+//! Formats: the Prometheus text format 0.0.4 unless the request's `Accept`
+//! header prefers OpenMetrics 1.0.0 (content negotiation, as scrapers do it);
+//! the same registry is encoded either way, so every metric has its HELP and
+//! TYPE in both. Besides the agent's own `edge_outbox_*` metrics: the build
+//! (`edge_outbox_build_info`) and the process (`process_*`, read from
+//! `/proc` at scrape time).
+//!
+//! Invariants: metrics never hold up the work: counters are atomics, and the
+//! scrape reads the database through the reader pool, not the writer. A
+//! labelled counter has every label value it can take from the start, at 0
+//! (a rate needs the zero). A figure that cannot be read is left out of the
+//! scrape (or counted as an error), never shown as a made-up 0.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,16 +27,63 @@ use std::sync::Arc;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::protocol::ErrorCode;
+use crate::service::Health;
 use crate::status::StatusReport;
 use crate::store::Reader;
+
+/// The two exposition formats a scraper may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// Prometheus text format 0.0.4 (`text/plain; version=0.0.4`).
+    Text,
+    /// OpenMetrics text 1.0.0 (`application/openmetrics-text`).
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format an `Accept` header prefers: OpenMetrics when it asks for
+    /// `application/openmetrics-text` with a quality at least that of any
+    /// plain-text range it also names; else (no header included) plain text.
+    pub(crate) fn negotiate(accept: Option<&str>) -> Format {
+        let (mut openmetrics, mut text) = (0.0f32, 0.0f32);
+        for range in accept.unwrap_or_default().split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let quality = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(quality),
+                "text/plain" | "text/*" | "*/*" => text = text.max(quality),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
+    }
+
+    pub(crate) fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum MetricsError {
@@ -69,9 +127,10 @@ pub(crate) struct Metrics {
     delivering: Gauge,
     oldest_delivering_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     db_size: Gauge,
-    free_disk: Gauge,
+    free_disk: MaybeGauge,
     in_flight: Gauge,
     broker_connected: Gauge,
+    pub report_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -85,7 +144,7 @@ impl Metrics {
     // it is the catalogue of every metric (name, help, kind) in one place,
     // matching docs/operations.md, Metrics; splitting it would scatter it.
     pub(crate) fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("edge_outbox");
+        let mut registry = Registry::default();
         let m = Metrics {
             submits_accepted: Counter::default(),
             submits_duplicate: Counter::default(),
@@ -109,12 +168,33 @@ impl Metrics {
             delivering: Gauge::default(),
             oldest_delivering_age: Gauge::default(),
             db_size: Gauge::default(),
-            free_disk: Gauge::default(),
+            free_disk: MaybeGauge::new(
+                "free_disk_bytes",
+                "Free space on the database's filesystem",
+            ),
             in_flight: Gauge::default(),
             broker_connected: Gauge::default(),
+            report_errors: Counter::default(),
             registry: Registry::default(),
         };
-        let r = &mut registry;
+        // Label values at 0 from the start: a refusal reason that has never
+        // happened is a 0, not a missing series (docs/operations.md, Metrics).
+        for code in ErrorCode::ALL {
+            let _ = m.submits_refused.get_or_create(&ReasonLabel {
+                reason: code.as_str().to_string(),
+            });
+        }
+        // Process metrics under their conventional, unprefixed names.
+        registry.register_collector(Box::new(ProcessCollector));
+        let r = registry.sub_registry_with_prefix("edge_outbox");
+        r.register(
+            "build",
+            "The agent's version (always 1)",
+            Info::new(vec![(
+                "version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )]),
+        );
         r.register(
             "submits_accepted",
             "Messages stored and acknowledged on the socket",
@@ -207,11 +287,8 @@ impl Metrics {
             "Database and WAL file size",
             m.db_size.clone(),
         );
-        r.register(
-            "free_disk_bytes",
-            "Free space on the database's filesystem",
-            m.free_disk.clone(),
-        );
+        // Left out of a scrape when the filesystem cannot be read.
+        r.register_collector(Box::new(m.free_disk.clone()));
         r.register(
             "in_flight",
             "Messages published and not yet confirmed",
@@ -221,6 +298,11 @@ impl Metrics {
             "broker_connected",
             "1 when the forwarder is connected",
             m.broker_connected.clone(),
+        );
+        r.register(
+            "report_errors",
+            "Scrapes whose database figures could not be read (those gauges then hold the last figures read)",
+            m.report_errors.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -252,19 +334,25 @@ impl Metrics {
         self.oldest_delivering_age
             .set(report.oldest_delivering_age_ms.unwrap_or(0) as f64 / 1000.0);
         self.db_size.set(report.db_size_bytes as i64);
-        self.free_disk
-            .set(report.free_disk_bytes.unwrap_or(0) as i64);
+        self.free_disk.set(report.free_disk_bytes);
         if let Some(b) = &report.broker {
             self.in_flight.set(b.in_flight as i64);
             self.broker_connected.set(i64::from(b.connected));
         }
     }
 
-    /// The Prometheus text exposition.
-    pub(crate) fn encode(&self) -> String {
+    /// The exposition in `format`.
+    pub(crate) fn encode(&self, format: Format) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        let _ = match format {
+            Format::Text => {
+                prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)
+            }
+            Format::OpenMetrics => {
+                prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            }
+        };
         text
     }
 }
@@ -272,11 +360,12 @@ impl Metrics {
 /// Produces the status report at scrape time (given by the wiring).
 pub(crate) type ReportSource = Arc<dyn Fn() -> Option<StatusReport> + Send + Sync>;
 
-/// The `/metrics` endpoint.
+/// The `/metrics` and `/health` endpoints.
 pub(crate) struct MetricsServer {
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     report: ReportSource,
+    health: Option<Arc<Health>>,
 }
 
 impl MetricsServer {
@@ -296,7 +385,16 @@ impl MetricsServer {
             listener,
             metrics,
             report,
+            health: None,
         })
+    }
+
+    /// Serves `/health` from these probes (without it `/health` is a 404).
+    pub(crate) fn with_health(self, health: Health) -> MetricsServer {
+        MetricsServer {
+            health: Some(Arc::new(health)),
+            ..self
+        }
     }
 
     pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), MetricsError> {
@@ -312,14 +410,16 @@ impl MetricsServer {
             };
             let metrics = self.metrics.clone();
             let report = self.report.clone();
+            let health = self.health.clone();
             tokio::spawn(async move {
                 let service =
                     hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                         let metrics = metrics.clone();
                         let report = report.clone();
+                        let health = health.clone();
                         async move {
                             Ok::<_, std::convert::Infallible>(
-                                respond(&request, &metrics, report).await,
+                                respond(&request, &metrics, report, health.as_deref()).await,
                             )
                         }
                     });
@@ -334,41 +434,215 @@ impl MetricsServer {
     }
 }
 
+fn plain(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
 async fn respond(
     request: &Request<hyper::body::Incoming>,
     metrics: &Metrics,
     report: ReportSource,
+    health: Option<&Health>,
 ) -> Response<Full<Bytes>> {
-    let plain = |status: StatusCode, body: String, content_type: &'static str| {
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
-            response
-                .headers_mut()
-                .insert(hyper::header::CONTENT_TYPE, value);
+    match (request.uri().path(), health) {
+        ("/metrics", _) => {}
+        // docs/operations.md, Health: the watchdog's probes, on demand.
+        ("/health", Some(health)) => {
+            return match health.check().await {
+                Ok(()) => plain(StatusCode::OK, "ok\n".into(), TEXT),
+                Err(reason) => plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("unhealthy: {reason}\n"),
+                    TEXT,
+                ),
+            };
         }
-        response
-    };
-    if request.uri().path() != "/metrics" {
-        return plain(
-            StatusCode::NOT_FOUND,
-            "edge-outbox: metrics are at /metrics\n".into(),
-            "text/plain; charset=utf-8",
-        );
+        _ => {
+            return plain(
+                StatusCode::NOT_FOUND,
+                "edge-outbox: metrics are at /metrics, health at /health\n".into(),
+                TEXT,
+            )
+        }
     }
-    if let Ok(Some(report)) = tokio::task::spawn_blocking(move || report()).await {
-        metrics.observe(&report);
+    match tokio::task::spawn_blocking(move || report()).await {
+        Ok(Some(report)) => metrics.observe(&report),
+        _ => {
+            metrics.report_errors.inc();
+        }
     }
+    let accept = request
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = Format::negotiate(accept);
     plain(
         StatusCode::OK,
-        metrics.encode(),
-        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        metrics.encode(format),
+        format.content_type(),
     )
 }
 
 /// A report source reading `reader` (and the forwarder's state).
 pub(crate) fn report_source(reader: Reader, broker: crate::status::BrokerState) -> ReportSource {
     Arc::new(move || StatusReport::collect(&reader, Some(&broker)).ok())
+}
+
+/// A gauge that may have no value: then it is left out of the scrape (a
+/// figure that cannot be read is not a 0).
+#[derive(Clone, Debug)]
+struct MaybeGauge {
+    name: &'static str,
+    help: &'static str,
+    value: Arc<std::sync::Mutex<Option<u64>>>,
+}
+
+impl MaybeGauge {
+    fn new(name: &'static str, help: &'static str) -> MaybeGauge {
+        MaybeGauge {
+            name,
+            help,
+            value: Arc::default(),
+        }
+    }
+
+    fn set(&self, value: Option<u64>) {
+        if let Ok(mut v) = self.value.lock() {
+            *v = value;
+        }
+    }
+}
+
+impl Collector for MaybeGauge {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let value = self.value.lock().ok().and_then(|v| *v);
+        if let Some(value) = value {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            let help = format!("{}.", self.help);
+            let metric = encoder.encode_descriptor(self.name, &help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// The process metrics every exporter has (`process_*`), read from `/proc`
+/// at scrape time; each one that cannot be read is left out.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// What `/proc/self/stat` says, in the units of the metrics.
+struct ProcStat {
+    cpu_seconds: f64,
+    start_ticks: u64,
+    virtual_bytes: u64,
+    resident_bytes: u64,
+}
+
+impl ProcStat {
+    fn read() -> Option<ProcStat> {
+        let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name (field 2) may hold spaces and parentheses: the
+        // fields from 3 on follow the last ')'.
+        let fields: Vec<&str> = text
+            .get(text.rfind(')')? + 1..)?
+            .split_whitespace()
+            .collect();
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        let ticks = rustix::param::clock_ticks_per_second() as f64;
+        Some(ProcStat {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+            start_ticks: field(22)?,
+            virtual_bytes: field(23)?,
+            resident_bytes: field(24)?.saturating_mul(rustix::param::page_size() as u64),
+        })
+    }
+}
+
+/// The boot time, epoch seconds (`btime` in `/proc/stat`; hidden from the
+/// agent under the unit's `ProcSubset=pid`).
+fn boot_time() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|t| t.trim().parse().ok())
+}
+
+fn open_fds() -> Option<u64> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
+}
+
+fn encode_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: Option<f64>,
+) -> Result<(), std::fmt::Error> {
+    if let Some(value) = value {
+        let gauge = ConstGauge::new(value);
+        let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+        gauge.encode(metric)?;
+    }
+    Ok(())
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stat = ProcStat::read();
+        if let Some(stat) = &stat {
+            let cpu = prometheus_client::metrics::counter::ConstCounter::new(stat.cpu_seconds);
+            let metric = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds.",
+                None,
+                cpu.metric_type(),
+            )?;
+            cpu.encode(metric)?;
+        }
+        encode_gauge(
+            &mut encoder,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            stat.as_ref().map(|s| s.resident_bytes as f64),
+        )?;
+        encode_gauge(
+            &mut encoder,
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            stat.as_ref().map(|s| s.virtual_bytes as f64),
+        )?;
+        let ticks = rustix::param::clock_ticks_per_second() as f64;
+        encode_gauge(
+            &mut encoder,
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            stat.as_ref()
+                .zip(boot_time())
+                .map(|(s, boot)| boot as f64 + s.start_ticks as f64 / ticks),
+        )?;
+        encode_gauge(
+            &mut encoder,
+            "process_open_fds",
+            "Number of open file descriptors.",
+            open_fds().map(|n| n as f64),
+        )?;
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        encode_gauge(
+            &mut encoder,
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            limit.map(|n| n as f64),
+        )?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -381,18 +655,151 @@ mod tests {
         m.submits_accepted.inc();
         m.refused("buffer_full");
         m.confirm_latency.observe(0.02);
-        let text = m.encode();
+        for format in [Format::Text, Format::OpenMetrics] {
+            let text = m.encode(format);
+            assert!(
+                text.contains("edge_outbox_submits_accepted_total 1"),
+                "{text}"
+            );
+            assert!(
+                text.contains("edge_outbox_submits_refused_total{reason=\"buffer_full\"} 1"),
+                "{text}"
+            );
+            assert!(
+                text.contains("edge_outbox_confirm_latency_seconds_count 1"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_text_unless_openmetrics_is_preferred() {
+        use Format::*;
+        for (accept, want) in [
+            (None, Text),
+            (Some(""), Text),
+            (Some("*/*"), Text),
+            (Some("text/plain; version=0.0.4"), Text),
+            (Some("application/openmetrics-text"), OpenMetrics),
+            // Prometheus 2.x's scrape header.
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                     version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                ),
+                OpenMetrics,
+            ),
+            (
+                Some("text/plain;q=0.9, application/openmetrics-text;q=0.5"),
+                Text,
+            ),
+            (Some("application/openmetrics-text;q=0"), Text),
+            (Some("Application/OpenMetrics-Text; q=bad"), OpenMetrics),
+        ] {
+            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
+        }
+        assert!(Text.content_type().starts_with("text/plain; version=0.0.4"));
+        assert!(OpenMetrics
+            .content_type()
+            .starts_with("application/openmetrics-text; version=1.0.0"));
+    }
+
+    /// Every sample belongs to a family announced by HELP and TYPE, in
+    /// both formats (what `promtool check metrics` insists on).
+    #[test]
+    fn every_sample_has_help_and_type_in_both_formats() {
+        let m = Metrics::new();
+        for format in [Format::Text, Format::OpenMetrics] {
+            let text = m.encode(format);
+            let (mut help, mut kind) = (Vec::new(), Vec::new());
+            for line in text.lines() {
+                if let Some(rest) = line.strip_prefix("# HELP ") {
+                    help.push(rest.split(' ').next().unwrap().to_string());
+                } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                    kind.push(rest.split(' ').next().unwrap().to_string());
+                } else if !line.starts_with('#') {
+                    let name = line.split(['{', ' ']).next().unwrap();
+                    let family = help
+                        .iter()
+                        .filter(|h| name.starts_with(h.as_str()))
+                        .max_by_key(|h| h.len());
+                    assert!(family.is_some(), "{format:?}: no HELP for {line}\n{text}");
+                    assert!(
+                        kind.contains(family.unwrap()),
+                        "{format:?}: no TYPE for {line}"
+                    );
+                    if format == Format::Text {
+                        let base = family.unwrap();
+                        assert!(
+                            ["", "_bucket", "_sum", "_count"]
+                                .iter()
+                                .any(|suffix| name == format!("{base}{suffix}")),
+                            "text format: {name} is not its family {base}"
+                        );
+                    }
+                }
+            }
+            assert_eq!(
+                text.trim_end().ends_with("# EOF"),
+                format == Format::OpenMetrics,
+                "{format:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refusal_reasons_build_and_process_are_there_from_the_start() {
+        let text = Metrics::new().encode(Format::Text);
+        for code in ErrorCode::ALL {
+            let line = format!(
+                "edge_outbox_submits_refused_total{{reason=\"{}\"}} 0",
+                code.as_str()
+            );
+            assert!(text.contains(&line), "{line}\n{text}");
+        }
+        let build = format!(
+            "edge_outbox_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_max_fds ",
+        ] {
+            let value: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+                .parse()
+                .unwrap();
+            assert!(value >= 0.0, "{name}{value}");
+        }
         assert!(
-            text.contains("edge_outbox_submits_accepted_total 1"),
+            text.contains("# TYPE process_cpu_seconds_total counter"),
             "{text}"
         );
-        assert!(
-            text.contains("edge_outbox_submits_refused_total{reason=\"buffer_full\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("edge_outbox_confirm_latency_seconds_count 1"),
-            "{text}"
-        );
+    }
+
+    #[test]
+    fn free_disk_is_left_out_when_it_cannot_be_read() {
+        let m = Metrics::new();
+        assert!(!m
+            .encode(Format::Text)
+            .contains("edge_outbox_free_disk_bytes"));
+        m.free_disk.set(Some(42));
+        for format in [Format::Text, Format::OpenMetrics] {
+            let text = m.encode(format);
+            assert!(text.contains("edge_outbox_free_disk_bytes 42\n"), "{text}");
+            assert!(
+                text.contains("# TYPE edge_outbox_free_disk_bytes gauge"),
+                "{text}"
+            );
+        }
+        m.free_disk.set(None);
+        assert!(!m
+            .encode(Format::Text)
+            .contains("edge_outbox_free_disk_bytes"));
     }
 }

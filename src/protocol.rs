@@ -145,7 +145,7 @@ pub(crate) enum ErrorCode {
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 7] = [
+    pub(crate) const ALL: [ErrorCode; 7] = [
         ErrorCode::BadRequest,
         ErrorCode::TooLarge,
         ErrorCode::BufferFull,

@@ -4,9 +4,11 @@
 //! may still be down), STOPPING when shutdown begins, and WATCHDOG pings
 //! only while the agent's loops make progress: each ping follows a round of
 //! probes that the store writer and the forwarder must answer, so a wedged
-//! loop stops the pings and systemd restarts the agent.
+//! loop stops the pings and systemd restarts the agent. The same round of
+//! probes answers `/health` on the metrics listener ([`Health`];
+//! docs/operations.md, Health), under systemd or not.
 //!
-//! Without `NOTIFY_SOCKET` (not under systemd) every call is a no-op.
+//! Without `NOTIFY_SOCKET` (not under systemd) every notification is a no-op.
 
 use std::time::Duration;
 
@@ -59,6 +61,67 @@ pub(crate) fn watchdog_interval() -> Option<Duration> {
     sd_notify::watchdog_enabled()
 }
 
+/// One round of probes: the store writer commits one, then every loop
+/// answers one, each within `deadline`; `Err` names the first that did not.
+async fn probe_all(store: &Store, probers: &[Prober], deadline: Duration) -> Result<(), String> {
+    let store = tokio::time::timeout(deadline, store.probe()).await;
+    if !matches!(store, Ok(Ok(()))) {
+        return Err(format!(
+            "the store writer did not commit a probe within {deadline:?}"
+        ));
+    }
+    for prober in probers {
+        if !matches!(
+            tokio::time::timeout(deadline, prober.probe()).await,
+            Ok(Ok(()))
+        ) {
+            return Err(format!(
+                "the {} loop did not answer a probe within {deadline:?}",
+                prober.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How long `/health` waits for each probe.
+const HEALTH_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a `/health` answer is reused: a flood of requests costs the
+/// writer at most one probe commit per period.
+const HEALTH_REUSE: Duration = Duration::from_secs(1);
+
+/// `/health`: the watchdog's round of probes, run on request.
+pub(crate) struct Health {
+    store: Store,
+    probers: Vec<Prober>,
+    /// The last answer and when it was had; the lock also makes concurrent
+    /// requests share one round.
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Result<(), String>)>>,
+}
+
+impl Health {
+    pub(crate) fn new(store: Store, probers: Vec<Prober>) -> Health {
+        Health {
+            store,
+            probers,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// `Ok` when every loop answered; else why not.
+    pub(crate) async fn check(&self) -> Result<(), String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, answer)) = &*last {
+            if at.elapsed() < HEALTH_REUSE {
+                return answer.clone();
+            }
+        }
+        let answer = probe_all(&self.store, &self.probers, HEALTH_DEADLINE).await;
+        *last = Some((tokio::time::Instant::now(), answer.clone()));
+        answer
+    }
+}
+
 /// Pings the watchdog every half interval, after every probe answered.
 pub(crate) struct Watchdog {
     interval: Duration,
@@ -80,25 +143,13 @@ impl Watchdog {
 
     /// One round: probes every loop; true when all answered in time.
     pub(crate) async fn run_once(&self) -> bool {
-        let deadline = self.interval / 2;
-        let store = tokio::time::timeout(deadline, self.store.probe()).await;
-        if !matches!(store, Ok(Ok(()))) {
-            tracing::error!("watchdog: the store writer did not answer; not pinging");
-            return false;
-        }
-        for prober in &self.probers {
-            if !matches!(
-                tokio::time::timeout(deadline, prober.probe()).await,
-                Ok(Ok(()))
-            ) {
-                tracing::error!(
-                    task = prober.name,
-                    "watchdog: a loop did not answer; not pinging"
-                );
-                return false;
+        match probe_all(&self.store, &self.probers, self.interval / 2).await {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::error!("watchdog: {reason}; not pinging");
+                false
             }
         }
-        true
     }
 
     pub(crate) async fn run(self, shutdown: CancellationToken) -> Result<(), ServiceError> {

@@ -352,9 +352,9 @@ fn unauthorized_peers_are_refused_and_closed() {
         refused(a, "unauthorized");
     }
     assert_eq!(agent.rows(), 0);
-    // The CLI reports the refusal with exit 1.
+    // The CLI reports the refusal with exit 77 (not allowed).
     let out = agent.cli(&["submit", "--exchange", "", "--routing-key", "", "x"]);
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 77, "{out:?}");
     assert!(out.stderr.contains("unauthorized"), "{out:?}");
     // `status` from a user the agent refuses still reads the database.
     let out = agent.cli(&["status", "--json"]);

@@ -16,11 +16,12 @@ use edge_outbox_testkit::consumer::{
 };
 use edge_outbox_testkit::db::get_status;
 use edge_outbox_testkit::journal::JournalEntry;
-use edge_outbox_testkit::metrics::{free_port, sample, scrape};
+use edge_outbox_testkit::metrics::{self, free_port, sample, scrape};
 use edge_outbox_testkit::prefill::{prefill_database, PrefillRow};
 use edge_outbox_testkit::tls::{make_certificates, TlsListener};
 use edge_outbox_testkit::{
-    ok_id, refused, rt, wait_until, Agent, Cleanup, JournalSocket, NotifySocket, Status,
+    ok_id, refused, rt, wait_until, Agent, Cleanup, FaultProxy, JournalSocket, Mode, NotifySocket,
+    Status,
 };
 use serde_json::{json, Value};
 
@@ -411,10 +412,18 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
         .start();
     let before = scrape(port);
     assert!(
-        before.trim_end().ends_with("# EOF"),
-        "OpenMetrics text ends with # EOF"
+        !before.contains("# EOF"),
+        "plain Prometheus text unless OpenMetrics is asked for"
     );
     assert_eq!(sample(&before, "edge_outbox_submits_accepted_total"), 0.0);
+    // Every refusal reason is there before the first refusal.
+    assert_eq!(
+        sample(
+            &before,
+            "edge_outbox_submits_refused_total{reason=\"buffer_full\"}"
+        ),
+        0.0
+    );
     let mut client = agent.client();
     for i in 0..25 {
         ok_id(&client.submit(&exchange, "k", json!(i)));
@@ -448,6 +457,101 @@ fn metrics_parse_as_prometheus_text_and_move_with_traffic() {
     assert!(sample(&after, "edge_outbox_database_size_bytes") > 0.0);
     assert!(sample(&after, "edge_outbox_free_disk_bytes") > 0.0);
     rt.block_on(amqp::delete(&url, &exchange, &queue));
+}
+
+/// Content negotiation, the build and process metrics, as a scraper sees
+/// them (docs/operations.md, Metrics).
+#[test]
+fn metrics_are_plain_text_unless_openmetrics_is_asked_for() {
+    let port = free_port();
+    let agent = Agent::builder(BIN)
+        .set_str("metrics", "listen", format!("127.0.0.1:{port}"))
+        .start();
+    let plain = metrics::get(port, "/metrics", None);
+    assert_eq!(plain.status, 200);
+    assert_eq!(
+        plain.content_type,
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    assert!(!plain.body.contains("# EOF"), "{}", plain.body);
+    assert!(
+        plain
+            .body
+            .contains("# HELP edge_outbox_submits_accepted_total "),
+        "counters have their help under the sample's name: {}",
+        plain.body
+    );
+    let open = metrics::get(
+        port,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+    );
+    assert_eq!(open.status, 200);
+    assert!(
+        open.content_type
+            .starts_with("application/openmetrics-text; version=1.0.0"),
+        "{open:?}"
+    );
+    assert!(open.body.trim_end().ends_with("# EOF"), "{}", open.body);
+    for body in [&plain.body, &open.body] {
+        let build = format!(
+            "edge_outbox_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(sample(body, &build), 1.0);
+        assert!(sample(body, "process_resident_memory_bytes") > 1e6);
+        assert!(sample(body, "process_cpu_seconds_total") >= 0.0);
+        let fds = sample(body, "process_open_fds");
+        assert!(fds > 3.0 && fds < sample(body, "process_max_fds"), "{fds}");
+    }
+    drop(agent);
+}
+
+/// `/health`: 200 while the watchdog's probes are answered, 503 with the
+/// reason once the store writer is wedged (docs/operations.md, Health).
+/// Needs the writer wedge, which only a `test-hooks` build has.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn health_answers_200_and_503_once_the_writer_is_wedged() {
+    let port = free_port();
+    let started = Instant::now();
+    let mut agent = Agent::builder(BIN)
+        .set_str("metrics", "listen", format!("127.0.0.1:{port}"))
+        .env("EDGE_OUTBOX_WEDGE_FOR_TESTS", "5")
+        .start();
+    let healthy = metrics::get(port, "/health", None);
+    // Taken before the wedge time, or this run says nothing about health.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the agent took {:?} to start and answer",
+        started.elapsed()
+    );
+    assert_eq!(
+        (healthy.status, healthy.body.as_str()),
+        (200, "ok\n"),
+        "{healthy:?}"
+    );
+    wait_until("the wedge time", DEADLINE, || {
+        started.elapsed() > Duration::from_millis(5200)
+    });
+    // The next group the writer takes wedges it.
+    agent
+        .client()
+        .send(&json!({"exchange": "", "routing_key": "k", "payload": 1}));
+    let mut sick = metrics::get(port, "/health", None);
+    let until = Instant::now() + DEADLINE;
+    while sick.status == 200 && Instant::now() < until {
+        sick = metrics::get(port, "/health", None);
+    }
+    assert_eq!(sick.status, 503, "{sick:?}");
+    assert!(
+        sick.body
+            .starts_with("unhealthy: the store writer did not commit a probe"),
+        "{sick:?}"
+    );
+    let other = metrics::get(port, "/nothing", None);
+    assert_eq!(other.status, 404, "{other:?}");
+    agent.kill9();
 }
 
 #[test]
@@ -859,4 +963,221 @@ fn the_cli_fails_at_once_with_the_cause_on_a_database_it_cannot_open() {
             "{command}: {out:?}"
         );
     }
+}
+
+// ------------------------------------------------- exit codes and checks
+
+/// Each refusal as a user meets it: the exit code says whether to retry
+/// (75), fix the input (65), get permission (77) or start the agent (69)
+/// (docs/cli.md, Exit codes).
+#[test]
+fn every_refusal_has_an_exit_code_that_says_what_to_do() {
+    let submit = |agent: &Agent, extra: &[&str]| {
+        let mut args = vec!["submit", "--exchange", "", "--routing-key", "k"];
+        args.extend_from_slice(extra);
+        agent.cli(&args)
+    };
+    let mut agent = Agent::builder(BIN)
+        .set("store", "max_pending", "1")
+        .set_str("submit", "max_message_size", "1KiB")
+        .start();
+    let out = submit(&agent, &["--id", "first", "x"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    // buffer_full: retry later.
+    let out = submit(&agent, &["--id", "second", "x"]);
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(out.stderr.contains("buffer_full"), "{out:?}");
+    // too_large, and input no agent would take: bad data.
+    let out = submit(&agent, &[&"x".repeat(2000)]);
+    assert_eq!(out.code, 65, "{out:?}");
+    assert!(out.stderr.contains("too_large"), "{out:?}");
+    let out = submit(&agent, &["--json", "{not json"]);
+    assert_eq!(out.code, 65, "{out:?}");
+    let out = submit(&agent, &["--header", "novalue", "x"]);
+    assert_eq!(out.code, 65, "{out:?}");
+    // Bulk: a line of bad data alone is 65; with a full buffer besides, 75
+    // (retrying is what can help first).
+    let out = agent.cli_stdin(&["submit", "--bulk"], b"not json\n");
+    assert_eq!(out.code, 65, "{out:?}");
+    let out = agent.cli_stdin(
+        &["submit", "--bulk", "--exchange", "", "--routing-key", "k"],
+        b"not json\n{\"payload\":2}\n",
+    );
+    assert_eq!(out.code, 75, "{out:?}");
+    // No agent: the socket file left by a killed agent (ECONNREFUSED), then
+    // no socket at all (ENOENT).
+    agent.kill9();
+    assert!(agent.socket.exists());
+    let out = submit(&agent, &["x"]);
+    assert_eq!(out.code, 69, "{out:?}");
+    assert!(out.stderr.contains("cannot reach the agent"), "{out:?}");
+    std::fs::remove_file(&agent.socket).expect("removing the stale socket");
+    let out = submit(&agent, &["x"]);
+    assert_eq!(out.code, 69, "{out:?}");
+
+    // The connection limit (buffer_full on connect): retry later.
+    let agent = Agent::builder(BIN)
+        .set("submit", "max_connections", "1")
+        .start();
+    // Admitted once the harness's readiness probe has given its slot back.
+    let mut held = None;
+    wait_until("a connection admitted", DEADLINE, || {
+        let mut c = agent.client();
+        let _ = c.send_raw(b"{\"op\":\"status\"}\n");
+        let admitted = c.read_answer().is_some_and(|a| a["ok"] == json!(true));
+        if admitted {
+            held = Some(c);
+        }
+        admitted
+    });
+    let out = submit(&agent, &["x"]);
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(out.stderr.contains("too many connections"), "{out:?}");
+    drop(held);
+    // storage_full: retry later.
+    let agent = Agent::builder(BIN)
+        .set_str("store", "min_free_disk", "1PiB")
+        .start();
+    let out = submit(&agent, &["x"]);
+    assert_eq!(out.code, 75, "{out:?}");
+    assert!(out.stderr.contains("storage_full"), "{out:?}");
+    // unauthorized (tests/limits.rs has more): not allowed.
+    let agent = Agent::builder(BIN)
+        .set("submit", "allowed_uids", "[12345]")
+        .start();
+    let out = submit(&agent, &["x"]);
+    assert_eq!(out.code, 77, "{out:?}");
+}
+
+/// A socket this user may not open (EACCES) is 77, not "no agent".
+#[test]
+fn a_socket_the_user_may_not_open_exits_77() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to run the CLI as another user");
+        return;
+    }
+    let agent = Agent::builder(BIN).start();
+    // The agent's directory is private: nobody cannot reach its socket.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mode = |path: &std::path::Path, bits: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(bits)).expect("chmod");
+    };
+    mode(dir.path(), 0o755);
+    mode(agent.path(), 0o700);
+    let config = dir.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[submit]\nsocket = {}\n",
+            edge_outbox_testkit::toml_str(agent.socket.to_string_lossy())
+        ),
+    )
+    .expect("config");
+    mode(&config, 0o644);
+    let mut cmd = Command::new(BIN);
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(65534).gid(65534);
+    }
+    let config = config.to_string_lossy().into_owned();
+    let out = run_bin(
+        cmd,
+        dir.path(),
+        &[
+            "submit",
+            "-c",
+            &config,
+            "--exchange",
+            "",
+            "--routing-key",
+            "k",
+            "x",
+        ],
+        b"",
+    );
+    assert_eq!(out.code, 77, "{out:?}");
+    assert!(out.stderr.contains("Permission denied"), "{out:?}");
+}
+
+/// Runs `status --check ARGS` until its exit code is `code` and its line
+/// starts with `line` (the agent's view changes asynchronously); the last
+/// output.
+fn check_until(
+    agent: &Agent,
+    args: &[&str],
+    code: i32,
+    line: &str,
+) -> edge_outbox_testkit::cli::CliOutput {
+    let mut full = vec!["status", "--check"];
+    full.extend_from_slice(args);
+    let until = Instant::now() + DEADLINE;
+    loop {
+        let out = agent.cli(&full);
+        if (out.code == code && out.stdout.starts_with(line)) || Instant::now() > until {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `status --check` in each state (docs/cli.md, `status --check`): healthy,
+/// the agent down, the broker unreachable too long, a backlog too old.
+#[test]
+fn status_check_says_ok_or_critical_with_its_exit_code() {
+    let url = broker::default_url();
+    // Healthy: connected, nothing old.
+    let agent = Agent::builder(BIN).forwarding_to(&url).start();
+    let out = check_until(&agent, &["--max-age", "1h"], 0, "OK: broker connected");
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.starts_with("OK: broker connected"), "{out:?}");
+    assert_eq!(out.stdout.lines().count(), 1, "{out:?}");
+
+    // The broker unreachable (refused by the fault proxy) for longer than
+    // the bound: CRITICAL, exit 1, and the line says why.
+    let proxy = FaultProxy::start(broker::default_addr());
+    proxy.set_mode(Mode::Refuse);
+    let agent = Agent::builder(BIN)
+        .forwarding_to(&proxy.url_for(&url))
+        .start();
+    let out = check_until(&agent, &["--max-disconnected", "1s"], 1, "CRITICAL");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stdout.starts_with("CRITICAL: broker disconnected for "),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains("longer than 1s"), "{out:?}");
+    // Within the default bound (5 minutes) that is still OK.
+    let out = agent.cli(&["status", "--check"]);
+    assert_eq!(out.code, 0, "{out:?}");
+
+    // A backlog older than --max-age (the broker still away, but allowed).
+    ok_id(&agent.client().submit("", "k", json!(1)));
+    let out = check_until(
+        &agent,
+        &["--max-age", "1s", "--max-disconnected", "1h"],
+        1,
+        "CRITICAL",
+    );
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stdout
+            .starts_with("CRITICAL: the oldest delivering message is "),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains("(1 delivering)"), "{out:?}");
+
+    // The agent down: 69, whatever the database holds.
+    let mut agent = agent;
+    agent.terminate();
+    assert_eq!(agent.wait_exit(DEADLINE).code(), Some(0));
+    let out = agent.cli(&["status", "--check"]);
+    assert_eq!(out.code, 69, "{out:?}");
+    assert!(
+        out.stdout.starts_with("CRITICAL: the agent is not running"),
+        "{out:?}"
+    );
+    // Plain `status` still reads the database and exits 0.
+    let out = agent.cli(&["status"]);
+    assert_eq!(out.code, 0, "{out:?}");
 }

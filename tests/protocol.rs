@@ -410,7 +410,7 @@ fn what_the_broker_would_refuse_is_refused_at_submit_naming_the_field() {
         "order=98765432109876543210",
         "x",
     ]);
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 65, "{out:?}");
     assert!(out.stderr.contains("headers.order"), "{out:?}");
     assert_eq!(agent.rows(), 1);
 }
@@ -652,10 +652,10 @@ fn cli_submit_status_list_show_retry_bulk() {
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.stdout.trim(), "c-2");
 
-    // Refused: exit 1 with the reason.
+    // Refused: exit 65 (bad data) with the reason.
     let big = "x".repeat(2000);
     let out = agent.cli(&["submit", "--exchange", "ex", "--routing-key", "rk", &big]);
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 65, "{out:?}");
     assert!(out.stderr.contains("too_large"), "{out:?}");
     assert!(out.stdout.trim().is_empty(), "{out:?}");
 
@@ -743,7 +743,7 @@ fn cli_submit_status_list_show_retry_bulk() {
         ],
         b"{\"payload\":1,\"id\":\"b-4\"}\nnot json\n{\"payload\":2,\"id\":\"b-5\"}\n",
     );
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 65, "{out:?}");
     assert_eq!(
         out.stdout.lines().collect::<Vec<_>>(),
         ["b-4", "b-5"],
@@ -762,9 +762,9 @@ fn cli_submit_status_list_show_retry_bulk() {
     let out = agent.cli(&["status"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("not running"), "{out:?}");
-    // submit with no agent: exit 1, says why.
+    // submit with no agent: exit 69, says why.
     let out = agent.cli(&["submit", "--exchange", "", "--routing-key", "", "x"]);
-    assert_eq!(out.code, 1, "{out:?}");
+    assert_eq!(out.code, 69, "{out:?}");
     assert!(out.stderr.contains("cannot reach the agent"), "{out:?}");
 }
 

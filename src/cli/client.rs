@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::Context;
 use base64::Engine;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Deserialize;
@@ -27,6 +27,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 
+use super::exit::{ClientError, Exit};
 use super::runtime;
 use crate::protocol::{Answer, Payload, Request, StatusAnswer, SubmitAnswer, SubmitRequest};
 
@@ -63,8 +64,9 @@ pub(super) fn single_request(
     };
     let payload = if json {
         // Its JSON text as given (surrounding whitespace aside), unparsed.
-        let raw: Box<RawValue> =
-            serde_json::from_slice(&bytes).context("--json: the payload is not valid JSON")?;
+        let raw: Box<RawValue> = serde_json::from_slice(&bytes).map_err(|e| {
+            ClientError::BadInput(format!("--json: the payload is not valid JSON: {e}"))
+        })?;
         Payload::Json(raw)
     } else {
         match String::from_utf8(bytes) {
@@ -99,7 +101,7 @@ fn header_object(headers: &[String]) -> anyhow::Result<Option<Box<RawValue>>> {
     for header in headers {
         let (k, v) = header
             .split_once('=')
-            .ok_or_else(|| anyhow!("--header {header:?}: expected K=V"))?;
+            .ok_or_else(|| ClientError::BadInput(format!("--header {header:?}: expected K=V")))?;
         // Numbers and booleans keep their type, their text as written (the
         // agent judges whether the number fits); anything else is a string.
         let value = match serde_json::from_str::<Box<RawValue>>(v) {
@@ -119,12 +121,9 @@ fn is_number_or_boolean(json: &str) -> bool {
 }
 
 async fn connect(socket: &Path) -> anyhow::Result<UnixStream> {
-    UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "cannot reach the agent at {} (is `edge-outbox run` running?)",
-            socket.display()
-        )
-    })
+    UnixStream::connect(socket)
+        .await
+        .map_err(|e| ClientError::unreachable(socket, e).into())
 }
 
 /// Sends one request, returns the agent's answer.
@@ -143,11 +142,11 @@ async fn ask_agent<T: DeserializeOwned>(
     let mut reader = BufReader::new(read_half);
     let read = tokio::time::timeout(CLIENT_TIMEOUT, reader.read_line(&mut answer))
         .await
-        .map_err(|_| anyhow!("the agent did not answer within {CLIENT_TIMEOUT:?}"))?;
+        .map_err(|_| ClientError::NoAnswer(CLIENT_TIMEOUT))?;
     if answer.is_empty() {
         written.context("sending the request to the agent")?;
         read.context("reading the agent's answer")?;
-        bail!("the agent closed the connection without answering");
+        return Err(ClientError::Closed.into());
     }
     serde_json::from_str(&answer).context("the agent's answer is not a protocol answer")
 }
@@ -169,8 +168,19 @@ pub(super) fn submit_one(socket: &Path, request: &Request) -> anyhow::Result<Exi
                 "edge-outbox: refused ({}): {}",
                 refusal.code, refusal.message
             );
-            ExitCode::FAILURE
+            Exit::for_refusal(refusal.code).into()
         }
+    })
+}
+
+/// The running agent's answer to a status request, waiting at most
+/// [`STATUS_TIMEOUT`] (`status --check`: every way of not getting a report
+/// is an error that knows its exit code).
+pub(super) fn query_status(socket: &Path) -> anyhow::Result<StatusAnswer> {
+    runtime()?.block_on(async {
+        tokio::time::timeout(STATUS_TIMEOUT, ask_agent(socket, &Request::Status))
+            .await
+            .map_err(|_| ClientError::NoAnswer(STATUS_TIMEOUT))?
     })
 }
 
@@ -219,16 +229,16 @@ pub(super) async fn submit_bulk(
     let sender = tokio::task::spawn_blocking(move || send_lines(write_half, exchange, routing_key));
     let mut answers = BufReader::new(read_half).lines();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let (mut received, mut refused) = (0u64, 0u64);
+    let (mut received, mut exit) = (0u64, Exit::Success);
     while let Some(answer) = tokio::time::timeout(CLIENT_TIMEOUT, answers.next_line())
         .await
-        .map_err(|_| anyhow!("the agent did not answer within {CLIENT_TIMEOUT:?}"))??
+        .map_err(|_| ClientError::NoAnswer(CLIENT_TIMEOUT))??
     {
         received += 1;
         match serde_json::from_str::<Answer<Settled>>(&answer)? {
             Answer::Ok(settled) => writeln!(out, "{}", settled.id)?,
             Answer::Refused(refusal) => {
-                refused += 1;
+                exit = exit.most_urgent(Exit::for_refusal(refusal.code));
                 eprintln!(
                     "edge-outbox: line {received}: refused ({}): {}",
                     refusal.code, refusal.message
@@ -239,13 +249,10 @@ pub(super) async fn submit_bulk(
     out.flush()?;
     let sent = sender.await??;
     if received < sent {
-        bail!("the agent answered {received} of {sent} requests");
+        return Err(anyhow::Error::new(ClientError::Closed)
+            .context(format!("the agent answered {received} of {sent} requests")));
     }
-    Ok(if refused == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(exit.into())
 }
 
 /// Bulk mode's sender, on a blocking thread (stdin is blocking): writes the

@@ -1,14 +1,18 @@
 //! CLI: the `edge-outbox` command line (docs/cli.md).
 //!
 //! Role: parse arguments (clap), load the configuration, run one command,
-//! turn the outcome into an exit code: 0 success, 1 failure or refusal,
-//! 2 usage error (clap's own), 78 bad configuration.
+//! turn the outcome into an exit code (`exit.rs`, docs/cli.md, Exit codes):
+//! 0 success, 65 bad data, 69 no agent, 75 try again later, 77 not allowed,
+//! 78 bad configuration, 1 any other failure, 2 usage error (clap's own).
 //!
 //! Layout:
 //! - `mod.rs`: the arguments, [`main`], exit codes, dispatch;
 //! - `client.rs`: talking to the running agent over its socket (`submit`,
 //!   single and bulk, and the status request), in [`crate::protocol`]'s
 //!   typed requests and answers;
+//! - `exit.rs`: the exit codes, and the one mapping from refusals and
+//!   errors to them;
+//! - `check.rs`: `status --check`, the verdict for monitoring;
 //! - `commands.rs`: the other commands (`run`, `status`, `list`, `show`,
 //!   `retry`, `purge`, `check-config`);
 //! - `report.rs`: how the status report and rows are printed.
@@ -39,12 +43,14 @@ macro_rules! out {
     }};
 }
 
+mod check;
 mod client;
 mod commands;
+mod exit;
 mod report;
 
 /// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
-const EXIT_CONFIG: u8 = 78;
+const EXIT_CONFIG: u8 = exit::Exit::Config.code();
 
 #[derive(Debug, Parser)]
 #[command(
@@ -110,8 +116,22 @@ enum Command {
     Status {
         #[command(flatten)]
         config: ConfigArg,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "check")]
         json: bool,
+        /// Print one OK/CRITICAL line and exit non-zero when the agent is
+        /// not running, the broker has been disconnected too long, or the
+        /// backlog is too old (for cron, monitoring, ExecStartPost).
+        #[arg(long)]
+        check: bool,
+        /// With --check: CRITICAL when the oldest delivering message is
+        /// older than D (e.g. 10m). Default: not checked.
+        #[arg(long, value_name = "D", requires = "check", value_parser = humantime::parse_duration)]
+        max_age: Option<std::time::Duration>,
+        /// With --check: CRITICAL when the broker has been disconnected
+        /// longer than D.
+        #[arg(long, value_name = "D", requires = "check", value_parser = humantime::parse_duration,
+              default_value = "5m")]
+        max_disconnected: std::time::Duration,
     },
     /// List messages, newest first.
     List {
@@ -179,7 +199,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("edge-outbox: {}", describe(&e));
-            ExitCode::FAILURE
+            exit::Exit::for_error(&e).into()
         }
     }
 }
@@ -238,6 +258,18 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 client::single_request(&defaults, id, &headers, content_type, json, payload)?;
             client::submit_one(&socket, &request)
         }
+        Command::Status {
+            check: true,
+            max_age,
+            max_disconnected,
+            ..
+        } => Ok(check::status_check(
+            &config,
+            &check::Bounds {
+                max_age,
+                max_disconnected,
+            },
+        )),
         Command::Status { json, .. } => commands::status(&config, json),
         Command::List {
             status,
