@@ -243,3 +243,28 @@ fn the_c_example_retries_through_a_missing_socket_a_full_buffer_and_a_restart() 
     );
     exercise("c", || Command::new(&binary));
 }
+
+#[test]
+fn the_go_example_retries_through_a_missing_socket_a_full_buffer_and_a_restart() {
+    let build = tempfile::tempdir().expect("tempdir");
+    let binary = build.path().join("edge-outbox-submit");
+    // Go's caches in the temp dir: the test needs no home directory, and
+    // never reaches for the network (standard library only, no module).
+    let compiled = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(example("go/submit.go"))
+        .env("GOCACHE", build.path().join("cache"))
+        .env("GOPATH", build.path().join("gopath"))
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .output()
+        .expect("running go (scripts/test-setup installs golang-go)");
+    assert!(
+        compiled.status.success(),
+        "go build failed:\n{}",
+        String::from_utf8_lossy(&compiled.stderr)
+    );
+    exercise("go", || Command::new(&binary));
+}
