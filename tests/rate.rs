@@ -124,6 +124,16 @@ fn a_backlog_drains_at_max_rate_and_status_and_metrics_say_throttled() {
     assert_eq!(status["max_rate"], 1000, "{status}");
     assert_eq!(status["max_bytes_rate"], Value::Null, "{status}");
     assert!(status["throttled_ms"].as_u64().unwrap_or(0) > 0, "{status}");
+    let shown = agent.cli(&["status"]);
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    assert!(
+        shown
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("rate cap:  1000 messages/s, throttled now;")),
+        "{}",
+        shown.stdout
+    );
     let text = scrape(port);
     assert_eq!(sample(&text, "edge_outbox_throttled"), 1.0, "{text}");
     assert_eq!(sample(&text, "edge_outbox_publish_max_rate"), 1000.0);
