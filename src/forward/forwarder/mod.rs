@@ -27,6 +27,9 @@
 //!   and after a growing pause when closes come in a row.
 //! - Outcomes are handed to the store before the loop waits again.
 //! - Every publish, confirm, probe and declare await has a timeout.
+//! - The rate cap's gate stands before every backlog row and every publish
+//!   is charged (docs/forwarding.md, The rate cap); time without a link is
+//!   never counted as throttled.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -317,7 +320,11 @@ impl Forwarder {
                 continue;
             }
             let from_backlog = wanted && throttled.is_none();
-            let gate = tokio::time::sleep(throttled.unwrap_or_default());
+            let gate = async move {
+                if let Some(wait) = throttled {
+                    tokio::time::sleep(wait).await;
+                }
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return self.stop(session).await,
@@ -443,6 +450,7 @@ impl Forwarder {
             s.connected = false;
             s.since = Some(now_ms());
             s.in_flight = 0;
+            s.throttled = false;
         });
         Ok(Link::Stopped)
     }
@@ -451,6 +459,8 @@ impl Forwarder {
     /// attempt counted); suspects stay suspects; outcomes already known are
     /// still recorded.
     fn link_lost(&mut self, reason: &str) {
+        // Nothing is held back without a link: close the cap's wait.
+        self.throttle.gate(Instant::now(), false);
         let unknown = self.window.ledger.unconfirmed();
         self.window.ledger.link_lost();
         self.window.abandon();
@@ -464,6 +474,7 @@ impl Forwarder {
             s.since = Some(since);
             s.in_flight = 0;
             s.blocked = false;
+            s.throttled = false;
             s.last_error = Some(reason.to_string());
         });
     }
