@@ -4,7 +4,7 @@
 //! Role: own the registry and every metric, and serve both endpoints. Components hold an
 //! `Arc<Metrics>` and bump counters as events happen (submits, publishes,
 //! confirms, returns, nacks, timeouts, reconnects, deliveries, duplicates,
-//! handler failures, confirm latency); what the database knows (rows by
+//! handler failures, confirm latency, time waited for the rate cap); what the database knows (rows by
 //! status, delivering, oldest delivering age, database size, free disk) is read
 //! at scrape time, so it is never stale.
 //!
@@ -131,6 +131,10 @@ pub(crate) struct Metrics {
     in_flight: Gauge,
     broker_connected: Gauge,
     pub report_errors: Counter,
+    pub throttled_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    throttled: Gauge,
+    max_rate: Gauge,
+    max_bytes_rate: Gauge,
 }
 
 impl Default for Metrics {
@@ -175,6 +179,10 @@ impl Metrics {
             in_flight: Gauge::default(),
             broker_connected: Gauge::default(),
             report_errors: Counter::default(),
+            throttled_seconds: Counter::default(),
+            throttled: Gauge::default(),
+            max_rate: Gauge::default(),
+            max_bytes_rate: Gauge::default(),
             registry: Registry::default(),
         };
         // Label values at 0 from the start: a refusal reason that has never
@@ -304,6 +312,26 @@ impl Metrics {
             "Scrapes whose database figures could not be read (those gauges then hold the last figures read)",
             m.report_errors.clone(),
         );
+        r.register(
+            "throttled_seconds",
+            "Time the forwarder waited for the rate cap (publish.max_rate, publish.max_bytes_rate)",
+            m.throttled_seconds.clone(),
+        );
+        r.register(
+            "throttled",
+            "1 while the rate cap holds publishing back",
+            m.throttled.clone(),
+        );
+        r.register(
+            "publish_max_rate",
+            "publish.max_rate in messages per second; 0: no cap",
+            m.max_rate.clone(),
+        );
+        r.register(
+            "publish_max_bytes_rate",
+            "publish.max_bytes_rate in bytes per second; 0: no cap",
+            m.max_bytes_rate.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -338,6 +366,10 @@ impl Metrics {
         if let Some(b) = &report.broker {
             self.in_flight.set(b.in_flight as i64);
             self.broker_connected.set(i64::from(b.connected));
+            self.throttled.set(i64::from(b.throttled));
+            self.max_rate.set(i64::from(b.max_rate.unwrap_or(0)));
+            self.max_bytes_rate
+                .set(i64::try_from(b.max_bytes_rate.unwrap_or(0)).unwrap_or(i64::MAX));
         }
     }
 

@@ -29,6 +29,20 @@ pub(crate) struct BrokerStatus {
     /// The broker asked publishers to pause (memory or disk alarm).
     #[serde(default)]
     pub blocked: bool,
+    /// The rate cap is holding publishing back: rows are waiting and the
+    /// cap held one back within the last second (docs/forwarding.md, The
+    /// rate cap).
+    #[serde(default)]
+    pub throttled: bool,
+    /// `publish.max_rate` (messages/s); `None`: no cap.
+    #[serde(default)]
+    pub max_rate: Option<u32>,
+    /// `publish.max_bytes_rate` (bytes/s); `None`: no cap.
+    #[serde(default)]
+    pub max_bytes_rate: Option<u64>,
+    /// Time spent waiting for the rate cap since the agent started, in ms.
+    #[serde(default)]
+    pub throttled_ms: u64,
 }
 
 /// Shared, cheap to clone; written by the forwarder, read by status.

@@ -73,6 +73,31 @@ pub(super) fn print_status(r: &StatusReport) {
         ),
         None => out!("broker:    unknown (agent not running)"),
     }
+    if let Some(b) = r
+        .broker
+        .as_ref()
+        .filter(|b| b.max_rate.is_some() || b.max_bytes_rate.is_some())
+    {
+        let caps: Vec<String> = b
+            .max_rate
+            .map(|m| format!("{m} messages/s"))
+            .into_iter()
+            .chain(
+                b.max_bytes_rate
+                    .map(|m| format!("{}/s", bytesize::ByteSize(m))),
+            )
+            .collect();
+        out!(
+            "rate cap:  {}, {}; {} waited in all",
+            caps.join(" and "),
+            if b.throttled {
+                "throttled now"
+            } else {
+                "not throttling"
+            },
+            format_age(i64::try_from(b.throttled_ms).unwrap_or(i64::MAX))
+        );
+    }
     out!(
         "database:  {} ({}{})",
         r.db_path,

@@ -246,6 +246,11 @@ pub(crate) struct PublishConfig {
     pub retry_interval: Duration,
     #[serde(with = "human_duration")]
     pub resend_every: Duration,
+    /// Messages published per second, at most; 0: no cap
+    /// (docs/forwarding.md, The rate cap).
+    pub max_rate: u32,
+    /// Body bytes published per second, at most; 0: no cap.
+    pub max_bytes_rate: ByteSize,
 }
 
 impl Default for PublishConfig {
@@ -256,6 +261,8 @@ impl Default for PublishConfig {
             max_attempts: const { NonZeroU32::new(4).unwrap() },
             retry_interval: Duration::from_secs(60),
             resend_every: Duration::from_secs(30),
+            max_rate: 0,
+            max_bytes_rate: ByteSize::b(0),
         }
     }
 }

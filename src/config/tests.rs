@@ -29,6 +29,8 @@ fn defaults_match_the_documentation() {
     assert_eq!(c.publish.max_in_flight.get(), 256);
     assert_eq!(c.publish.max_attempts.get(), 4);
     assert_eq!(c.publish.retry_interval, Duration::from_secs(60));
+    assert_eq!(c.publish.max_rate, 0);
+    assert_eq!(c.publish.max_bytes_rate, ByteSize::b(0));
     assert_eq!(c.consumer.queue, None);
     assert_eq!(c.consumer.prefetch.get(), 1);
     assert_eq!(c.consumer.max_attempts.get(), 2);
@@ -50,6 +52,30 @@ fn file_values_and_human_units() {
     assert_eq!(c.store.max_db_size, ByteSize::mib(10));
     assert_eq!(c.publish.confirm_timeout, Duration::from_millis(500));
     assert_eq!(c.purge.retention, Duration::from_secs(7 * 86_400));
+}
+
+#[test]
+fn rate_caps_from_the_file_and_the_environment() {
+    let c = load_from(
+        Some("[publish]\nmax_rate = 1000\nmax_bytes_rate = \"1MiB\"\n"),
+        "f",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.publish.max_rate, 1000);
+    assert_eq!(c.publish.max_bytes_rate, ByteSize::mib(1));
+    let env = [
+        ("EDGE_OUTBOX_PUBLISH_MAX_RATE".to_string(), "50".to_string()),
+        (
+            "EDGE_OUTBOX_PUBLISH_MAX_BYTES_RATE".to_string(),
+            "64KiB".to_string(),
+        ),
+    ];
+    let c = load_from(None, "d", &env).unwrap();
+    assert_eq!(c.publish.max_rate, 50);
+    assert_eq!(c.publish.max_bytes_rate, ByteSize::kib(64));
+    let e = refused("[publish]\nmax_rate = -1\n");
+    assert!(e.starts_with("publish.max_rate"), "{e}");
 }
 
 #[test]
@@ -172,6 +198,8 @@ confirm_timeout = "30s"
 max_attempts = 4
 retry_interval = "1m"
 resend_every = "30s"
+max_rate = 0
+max_bytes_rate = "0 B"
 
 [consumer]
 queue = ""

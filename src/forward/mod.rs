@@ -23,7 +23,10 @@
 //! - `backlog`: the paged walk over due rows (docs/forwarding.md, The
 //!   resend pass);
 //! - `resend`: [`Resend`], the periodic pass, and the pass request the
-//!   forwarder answers.
+//!   forwarder answers;
+//! - `throttle`: the pure core of the rate cap (`publish.max_rate`,
+//!   `publish.max_bytes_rate`): token buckets with time passed in, the
+//!   gate before each backlog row, the account of time spent waiting.
 //!
 //! Reaching the broker (targets, backoff, the reconnect driver, the header
 //! codec) is [`crate::broker`]'s; this component only says what to do with
@@ -82,6 +85,7 @@ mod ledger;
 mod outcome;
 mod resend;
 mod side;
+mod throttle;
 mod window;
 
 pub(crate) use forwarder::ForwardError;

@@ -27,6 +27,9 @@
 //!   and after a growing pause when closes come in a row.
 //! - Outcomes are handed to the store before the loop waits again.
 //! - Every publish, confirm, probe and declare await has a timeout.
+//! - The rate cap's gate stands before every backlog row and every publish
+//!   is charged (docs/forwarding.md, The rate cap); time without a link is
+//!   never counted as throttled.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -46,6 +49,7 @@ use super::exchanges::Exchanges;
 use super::ledger::Next;
 use super::resend::{PassReport, PassRequest};
 use super::side::{self, Pace};
+use super::throttle::Throttle;
 use super::window::Window;
 use crate::broker::{self, ConnectFailure, Connector, Linked, Reconnect, SetupError};
 use crate::config::{ConsumerConfig, PublishConfig};
@@ -132,6 +136,8 @@ pub(crate) struct Forwarder {
     generation: u64,
     /// Where the shutdown drain notes the confirms it waited for.
     stop: Arc<StopTally>,
+    /// The rate cap: the gate before each backlog row, charged per publish.
+    throttle: Throttle,
 }
 
 /// Where the forwarder is with the broker (see the module header of
@@ -158,6 +164,15 @@ impl Forwarder {
         let reconnect =
             Reconnect::new(connector).counting_failures(metrics.connect_failures.clone());
         let window = Window::new(config.max_in_flight.get());
+        let throttle = Throttle::new(
+            u64::from(config.max_rate),
+            config.max_bytes_rate.as_u64(),
+            Instant::now(),
+        );
+        state.update(|s| {
+            s.max_rate = (config.max_rate > 0).then_some(config.max_rate);
+            s.max_bytes_rate = Some(config.max_bytes_rate.as_u64()).filter(|&b| b > 0);
+        });
         let forwarder = Forwarder {
             config,
             topology,
@@ -178,6 +193,7 @@ impl Forwarder {
             reopens: Pace::default(),
             generation: 0,
             stop: StopTally::new(),
+            throttle,
         };
         (forwarder, tx)
     }
@@ -283,7 +299,8 @@ impl Forwarder {
 
     /// Publishes while connected; returns the next link state. The ledger
     /// says what may go out: a suspect (published at once), backlog rows
-    /// (the `select!` arm), or nothing until an answer comes.
+    /// (the `select!` arm, when the rate cap's gate is open; else the
+    /// gate's wait is one more arm), or nothing until an answer comes.
     async fn up(
         &mut self,
         mut session: Session,
@@ -297,17 +314,27 @@ impl Forwarder {
                 break lost;
             }
             self.flush_outcomes().await?;
-            self.show_state(&session);
             let next = if session.blocked {
                 Next::Wait
             } else {
                 self.window.ledger.next()
             };
+            let wanted = next == Next::Backlog && !self.backlog.exhausted();
+            // The rate cap holds the next backlog row back, live or
+            // catch-up alike (docs/forwarding.md, The rate cap); a suspect
+            // is not held (it goes out alone, one at a time) but is charged.
+            let throttled = self.throttle.gate(Instant::now(), wanted);
+            self.show_state(&session);
             if let Next::Suspect(id) = next {
                 self.publish_suspect(session.wire(), id).await?;
                 continue;
             }
-            let from_backlog = next == Next::Backlog && !self.backlog.exhausted();
+            let from_backlog = wanted && throttled.is_none();
+            let gate = async move {
+                if let Some(wait) = throttled {
+                    tokio::time::sleep(wait).await;
+                }
+            };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return self.stop(session).await,
@@ -329,6 +356,7 @@ impl Forwarder {
                 probe = self.probes.recv(), if self.probes_open => self.on_probe(probe),
                 _ = tick.tick() => self.report_failures(),
                 _ = new_rows.notified() => self.backlog.more_rows(),
+                _ = gate, if throttled.is_some() => {}
                 row = self.backlog.next(&self.window.ledger), if from_backlog => match row? {
                     // A row the broker closed a channel on, or one that
                     // breaks the submit rules (written past them), goes out
@@ -347,11 +375,20 @@ impl Forwarder {
         Ok(Link::Down)
     }
 
-    fn show_state(&self, session: &Session) {
+    fn show_state(&mut self, session: &Session) {
         let in_flight = self.window.ledger.unconfirmed() as u64;
+        let now = Instant::now();
+        let throttled = self.throttle.throttled(now);
+        let waited = self.throttle.take_waited(now);
+        if !waited.is_zero() {
+            self.metrics.throttled_seconds.inc_by(waited.as_secs_f64());
+        }
+        let throttled_ms = u64::try_from(self.throttle.waited(now).as_millis()).unwrap_or(u64::MAX);
         self.state.update(|s| {
             s.in_flight = in_flight;
             s.blocked = session.blocked;
+            s.throttled = throttled;
+            s.throttled_ms = throttled_ms;
         });
     }
 
@@ -423,6 +460,7 @@ impl Forwarder {
             s.connected = false;
             s.since = Some(now_ms());
             s.in_flight = 0;
+            s.throttled = false;
         });
         Ok(Link::Stopped)
     }
@@ -431,6 +469,8 @@ impl Forwarder {
     /// attempt counted); suspects stay suspects; outcomes already known are
     /// still recorded.
     fn link_lost(&mut self, reason: &str) {
+        // Nothing is held back without a link: close the cap's wait.
+        self.throttle.gate(Instant::now(), false);
         let unknown = self.window.ledger.unconfirmed();
         self.window.ledger.link_lost();
         self.window.abandon();
@@ -444,6 +484,7 @@ impl Forwarder {
             s.since = Some(since);
             s.in_flight = 0;
             s.blocked = false;
+            s.throttled = false;
             s.last_error = Some(reason.to_string());
         });
     }

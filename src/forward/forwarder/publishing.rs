@@ -74,6 +74,9 @@ impl Forwarder {
             Ok(properties) => properties,
             Err(e) => return self.refuse(&row, format!("cannot be published: {e}")),
         };
+        // Charged before the publish: an attempt whose outcome is unknown
+        // still used the link (docs/forwarding.md, The rate cap).
+        self.throttle.charge(Instant::now(), row.body.len());
         let sent = tokio::time::timeout(
             self.config.confirm_timeout,
             session.channel.basic_publish(
