@@ -46,6 +46,11 @@ struct StatusLabel {
     status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PriorityLabel {
+    priority: String,
+}
+
 /// Every metric of the agent.
 pub(crate) struct Metrics {
     registry: Registry,
@@ -72,6 +77,9 @@ pub(crate) struct Metrics {
     free_disk: Gauge,
     in_flight: Gauge,
     broker_connected: Gauge,
+    pub expired: Counter,
+    backlog: Family<PriorityLabel, Gauge>,
+    expired_rows: Gauge,
 }
 
 impl Default for Metrics {
@@ -112,6 +120,9 @@ impl Metrics {
             free_disk: Gauge::default(),
             in_flight: Gauge::default(),
             broker_connected: Gauge::default(),
+            expired: Counter::default(),
+            backlog: Family::default(),
+            expired_rows: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -222,6 +233,21 @@ impl Metrics {
             "1 when the forwarder is connected",
             m.broker_connected.clone(),
         );
+        r.register(
+            "expired",
+            "Messages that expired before they were published (marked failed, \"expired\")",
+            m.expired.clone(),
+        );
+        r.register(
+            "backlog",
+            "Messages waiting to be forwarded (delivering) by priority",
+            m.backlog.clone(),
+        );
+        r.register(
+            "expired_rows",
+            "Rows in msg_log that expired before they were published",
+            m.expired_rows.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -254,6 +280,19 @@ impl Metrics {
         self.db_size.set(report.db_size_bytes as i64);
         self.free_disk
             .set(report.free_disk_bytes.unwrap_or(0) as i64);
+        for priority in 0..=crate::store::MAX_PRIORITY {
+            let n = report
+                .delivering_by_priority
+                .get(&priority)
+                .copied()
+                .unwrap_or(0);
+            self.backlog
+                .get_or_create(&PriorityLabel {
+                    priority: priority.to_string(),
+                })
+                .set(n as i64);
+        }
+        self.expired_rows.set(report.expired as i64);
         if let Some(b) = &report.broker {
             self.in_flight.set(b.in_flight as i64);
             self.broker_connected.set(i64::from(b.connected));

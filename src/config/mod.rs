@@ -48,10 +48,10 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 use env::apply_env;
-use values::{at_least_one, empty_is_none, human_duration, optional_address};
+use values::{at_least_one, empty_is_none, human_duration, optional_address, optional_duration};
 pub(crate) use values::{format_duration, redact_url};
 pub(crate) use values::{
-    ExchangeKind, FileMode, HandlerKind, LogFormat, QueueType, Synchronous, TimeOfDay,
+    ExchangeKind, FileMode, HandlerKind, LogFormat, Order, QueueType, Synchronous, TimeOfDay,
 };
 
 /// Environment variable naming the configuration file when `-c` is absent.
@@ -241,6 +241,12 @@ pub(crate) struct PublishConfig {
     pub retry_interval: Duration,
     #[serde(with = "human_duration")]
     pub resend_every: Duration,
+    /// The backlog's order within a priority.
+    pub order: Order,
+    /// How long a message without a `ttl` of its own may wait to be
+    /// published; `""` (none): it waits for ever.
+    #[serde(with = "optional_duration")]
+    pub max_age: Option<Duration>,
 }
 
 impl Default for PublishConfig {
@@ -251,6 +257,8 @@ impl Default for PublishConfig {
             max_attempts: const { NonZeroU32::new(4).unwrap() },
             retry_interval: Duration::from_secs(60),
             resend_every: Duration::from_secs(30),
+            order: Order::OldestFirst,
+            max_age: None,
         }
     }
 }

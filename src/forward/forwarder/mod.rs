@@ -151,7 +151,7 @@ impl Forwarder {
         metrics: Arc<Metrics>,
     ) -> (Forwarder, mpsc::Sender<PassRequest>) {
         let (tx, rx) = mpsc::channel(8);
-        let backlog = Backlog::new(store.reader().clone());
+        let backlog = Backlog::new(store.reader().clone(), config.order);
         let reconnect =
             Reconnect::new(connector).counting_failures(metrics.connect_failures.clone());
         let window = Window::new(config.max_in_flight.get());
@@ -318,7 +318,7 @@ impl Forwarder {
                 request = self.passes.recv(), if self.passes_open => self.on_pass_request(request),
                 probe = self.probes.recv(), if self.probes_open => self.on_probe(probe),
                 _ = tick.tick() => self.report_failures(),
-                _ = new_rows.notified() => self.backlog.more_rows(),
+                _ = new_rows.notified() => self.backlog.more_rows(self.store.take_new_priority()),
                 row = self.backlog.next(&self.window.ledger), if from_backlog => match row? {
                     // A row the broker closed a channel on, or one that
                     // breaks the submit rules (written past them), goes out
