@@ -11,7 +11,7 @@
 //! - `open.rs`: the lock file, the pragmas, `quick_check`, the migrations;
 //! - `writer.rs`: the group-commit writer thread;
 //! - `write.rs`: the write SQL (insert, publish outcomes, consumer results,
-//!   purge batch, page reclaim);
+//!   expiry batch, purge batch, page reclaim);
 //! - `reader.rs`: the pooled read-only connections and their queries;
 //! - `admin.rs`: the CLI's direct changes (`retry`, `purge`);
 //! - `types.rs`, `error.rs`: what goes in and out, and what can fail.
