@@ -160,6 +160,7 @@ fn an_urgent_message_overtakes_a_draining_backlog() {
         .map(|m| m.message_id)
         .collect();
     let at = got.iter().position(|id| *id == urgent).unwrap();
+    eprintln!("the urgent message came out {at}th of {}; {delivered_then} were delivered when it was submitted", got.len());
     // It waits at most for the rows already read (the page being handed
     // out and the next one, 512 each) and the one in flight, never for the
     // rest of the 3000.
