@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{BrokerError, Connector};
 use crate::config::Config;
 use crate::consume::Consumer;
+use crate::expiry::Expiry;
 use crate::forward::{ForwardError, Forwarder, Resend};
 use crate::metrics::{report_source, Metrics, MetricsError, MetricsServer};
 use crate::purge::Purge;
@@ -126,6 +127,7 @@ async fn start(config: &Config) -> Result<Started, AppError> {
                 task: "store-open",
                 message: e.to_string(),
             })??
+            .with_max_age(config.publish.max_age)
     };
     let broker = BrokerState::default();
     let metrics = Arc::new(Metrics::new());
@@ -242,6 +244,8 @@ fn spawn_tasks(
     }
     let purge = Purge::new(config.purge.clone(), store.clone());
     spawn(&mut tasks, "purge", purge.run(shutdown.clone()));
+    let expiry = Expiry::new(store.clone(), metrics.clone());
+    spawn(&mut tasks, "expiry", expiry.run(shutdown.clone()));
     if let Some((queue, connector)) = consumer {
         let consumer = Consumer::new(queue, config.consumer.clone(), connector, store, metrics);
         spawn(&mut tasks, "consume", consumer.run(shutdown.clone()));

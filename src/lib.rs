@@ -26,6 +26,7 @@
 //! | [`forward`] | the forwarder: the in-flight ledger, backlog walk, publishing, outcomes, isolation |
 //! | [`consume`] | the consumer: topology, the decision on a delivery, handlers |
 //! | [`purge`] | the daily and on-demand deletion of old settled rows |
+//! | [`expiry`] | the sweep that fails rows past their expiry, broker or not |
 //! | [`service`] | systemd: READY, STOPPING, STATUS, the progress-checked watchdog |
 //! | [`status`] | the status report shared by the socket, the CLI and metrics |
 //! | [`stop`] | the account of what an orderly stop waited for, for its log line |
@@ -54,6 +55,7 @@ pub mod cli;
 pub(crate) mod config;
 pub(crate) mod consume;
 pub(crate) mod digest;
+pub(crate) mod expiry;
 pub(crate) mod fd_limit;
 pub(crate) mod forward;
 pub(crate) mod logging;

@@ -104,6 +104,11 @@ struct StatusLabel {
     status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PriorityLabel {
+    priority: String,
+}
+
 /// Every metric of the agent.
 pub(crate) struct Metrics {
     registry: Registry,
@@ -135,6 +140,9 @@ pub(crate) struct Metrics {
     throttled: Gauge,
     max_rate: Gauge,
     max_bytes_rate: Gauge,
+    pub expired: Counter,
+    backlog: Family<PriorityLabel, Gauge>,
+    expired_rows: Gauge,
 }
 
 impl Default for Metrics {
@@ -183,6 +191,9 @@ impl Metrics {
             throttled: Gauge::default(),
             max_rate: Gauge::default(),
             max_bytes_rate: Gauge::default(),
+            expired: Counter::default(),
+            backlog: Family::default(),
+            expired_rows: Gauge::default(),
             registry: Registry::default(),
         };
         // Label values at 0 from the start: a refusal reason that has never
@@ -332,6 +343,21 @@ impl Metrics {
             "publish.max_bytes_rate in bytes per second; 0: no cap",
             m.max_bytes_rate.clone(),
         );
+        r.register(
+            "expired",
+            "Messages that expired before they were published (marked failed, \"expired\")",
+            m.expired.clone(),
+        );
+        r.register(
+            "backlog",
+            "Messages waiting to be forwarded (delivering) by priority",
+            m.backlog.clone(),
+        );
+        r.register(
+            "expired_rows",
+            "Rows in msg_log that expired before they were published",
+            m.expired_rows.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -363,6 +389,19 @@ impl Metrics {
             .set(report.oldest_delivering_age_ms.unwrap_or(0) as f64 / 1000.0);
         self.db_size.set(report.db_size_bytes as i64);
         self.free_disk.set(report.free_disk_bytes);
+        for priority in 0..=crate::store::MAX_PRIORITY {
+            let n = report
+                .delivering_by_priority
+                .get(&priority)
+                .copied()
+                .unwrap_or(0);
+            self.backlog
+                .get_or_create(&PriorityLabel {
+                    priority: priority.to_string(),
+                })
+                .set(n as i64);
+        }
+        self.expired_rows.set(report.expired as i64);
         if let Some(b) = &report.broker {
             self.in_flight.set(b.in_flight as i64);
             self.broker_connected.set(i64::from(b.connected));

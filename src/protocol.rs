@@ -93,7 +93,15 @@ pub(crate) struct SubmitRequest {
     pub(crate) id: Option<String>,
     #[serde(flatten)]
     pub(crate) payload: Payload,
+    /// 0 to 9, 0 when absent: the backlog goes out highest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) priority: Option<u8>,
     pub(crate) routing_key: String,
+    /// How long the message may wait to be published, in milliseconds;
+    /// absent: the agent's `publish.max_age`. On the wire also a duration
+    /// string ("30s", "5m").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ttl: Option<u64>,
 }
 
 /// The body of a submit, as one of the two fields that may carry it.
@@ -409,7 +417,9 @@ mod tests {
             headers: None,
             id: Some("c1".into()),
             payload: Payload::Base64("AA==".into()),
+            priority: None,
             routing_key: "k".into(),
+            ttl: None,
         });
         assert_eq!(
             text(submit.to_line().unwrap()),
@@ -423,7 +433,9 @@ mod tests {
             headers: Some(raw(r#"{"n":98765432109876543210}"#)),
             id: None,
             payload: Payload::Json(raw("{ \"a\" :1e-400,\"a\":[ 1 ]}")),
+            priority: None,
             routing_key: "k".into(),
+            ttl: None,
         });
         assert_eq!(
             text(submit.to_line().unwrap()),

@@ -8,6 +8,7 @@
 //! Invariant: nothing in a report carries a password (URLs are redacted
 //! before they are stored here).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,14 @@ pub(crate) struct StatusReport {
     pub db_path: String,
     pub db_size_bytes: u64,
     pub free_disk_bytes: Option<u64>,
+    /// Delivering rows per priority, only the priorities that have some
+    /// (keys "0" to "9").
+    #[serde(default)]
+    pub delivering_by_priority: BTreeMap<u8, u64>,
+    /// Rows that expired before they could be published (failed, `last_error`
+    /// "expired"), still in the database.
+    #[serde(default)]
+    pub expired: u64,
 }
 
 impl StatusReport {
@@ -85,6 +94,7 @@ impl StatusReport {
     ) -> Result<Self, StoreError> {
         let counts = reader.counts()?;
         let oldest = reader.oldest_delivering()?;
+        let (backlog, expired) = reader.backlog()?;
         Ok(StatusReport {
             source: if broker.is_some() {
                 "agent"
@@ -99,6 +109,11 @@ impl StatusReport {
             db_path: reader.path().display().to_string(),
             db_size_bytes: reader.db_size(),
             free_disk_bytes: store::free_disk(reader.path()),
+            delivering_by_priority: (0..=store::MAX_PRIORITY)
+                .zip(backlog.by_priority)
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            expired,
         })
     }
 }

@@ -469,7 +469,10 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// A million-row backlog drains with flat memory (< 64 MiB resident).
+/// A million-row backlog of mixed priorities drains with flat memory
+/// (< 64 MiB resident), highest priority first: the pages walk one
+/// priority at a time through the index, each priority spread over the
+/// whole table (priority = row number mod 10).
 /// Slow (minutes): `cargo nextest run --release --test forwarding --run-ignored only`.
 #[test]
 #[ignore]
@@ -487,6 +490,10 @@ fn a_million_row_backlog_drains_in_flat_memory() {
         create_time: 0,
         next_try_time: None,
     });
+    agent
+        .db()
+        .execute("UPDATE msg_log SET priority = rowid % 10", [])
+        .expect("mixed priorities");
     agent.restart();
     let pid = agent.pid();
     let mut peak = 0;
@@ -497,10 +504,31 @@ fn a_million_row_backlog_drains_in_flat_memory() {
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!(
-        "drained {ROWS} rows in {:?}; peak resident memory {} MiB",
+        "drained {ROWS} rows of priorities 0-9 in {:?}; peak resident memory {} MiB",
         start.elapsed(),
         peak / 1024
     );
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
+    // Highest priority first: each priority was confirmed before the next
+    // lower one began, but for the in-flight window at the boundary.
+    let bounds: Vec<(i64, i64, i64)> = agent
+        .db()
+        .prepare(
+            "SELECT priority, MIN(update_time), MAX(update_time) FROM msg_log \
+             GROUP BY priority ORDER BY priority DESC",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    eprintln!("(priority, first confirm, last confirm): {bounds:?}");
+    for pair in bounds.windows(2) {
+        let ((higher, _, higher_last), (lower, lower_first, _)) = (pair[0], pair[1]);
+        assert!(
+            lower_first >= higher_last - 2_000,
+            "priority {lower} began at {lower_first}, before priority {higher} ended at {higher_last}"
+        );
+    }
     rt.block_on(amqp::delete_queue(&url, &queue));
 }

@@ -82,7 +82,9 @@ pub(super) fn single_request(
         headers: header_object(headers)?,
         id,
         payload,
+        priority: None,
         routing_key: defaults.routing_key.clone().unwrap_or_default(),
+        ttl: None,
     }))
 }
 

@@ -49,6 +49,17 @@ mod commands;
 mod exit;
 mod report;
 
+/// `--ttl`: milliseconds, or a duration as the configuration writes them.
+/// The agent checks the range (docs/protocol.md, `submit`).
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration (\"30s\", \"5m\") or milliseconds: {e}"))
+        .and_then(|d| u64::try_from(d.as_millis()).map_err(|e| e.to_string()))
+}
+
 /// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = exit::Exit::Config.code();
 
@@ -106,8 +117,15 @@ enum Command {
         /// Read NDJSON requests from stdin (one protocol request per line),
         /// pipelined; print one id per line. --exchange and --routing-key fill
         /// in lines that lack them.
-        #[arg(long, conflicts_with_all = ["payload", "id", "json"])]
+        #[arg(long, conflicts_with_all = ["payload", "id", "json", "priority", "ttl"])]
         bulk: bool,
+        /// Priority, 0 to 9 (default 0): the backlog goes out highest first.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+        priority: Option<u8>,
+        /// How long the message may wait to be published: "30s", "5m", or
+        /// milliseconds (default: publish.max_age, else for ever).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
         /// The payload; "-" or nothing reads stdin (bytes that are not UTF-8
         /// are sent as base64, byte-exact).
         payload: Option<String>,
@@ -244,6 +262,8 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             json,
             bulk,
             payload,
+            priority,
+            ttl,
             ..
         } => {
             let socket = socket.unwrap_or_else(|| config.submit.socket.clone());
@@ -254,8 +274,12 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             if bulk {
                 return runtime()?.block_on(client::submit_bulk(&socket, &defaults));
             }
-            let request =
+            let mut request =
                 client::single_request(&defaults, id, &headers, content_type, json, payload)?;
+            if let crate::protocol::Request::Submit(submit) = &mut request {
+                submit.priority = priority;
+                submit.ttl = ttl;
+            }
             client::submit_one(&socket, &request)
         }
         Command::Status {

@@ -49,6 +49,7 @@ pub(super) fn print_status(r: &StatusReport) {
         Some(age) => out!("oldest delivering: {} old", format_age(age)),
         None => out!("oldest delivering: none"),
     }
+    out!("{}", backlog_line(r));
     match &r.broker {
         Some(b) if b.connected => out!(
             "broker:    connected to {} since {}, {} in flight{}",
@@ -108,6 +109,23 @@ pub(super) fn print_status(r: &StatusReport) {
     );
 }
 
+/// The backlog per priority, highest first, and the expired rows:
+/// `backlog:   9: 3, 0: 1000 (by priority); 12 expired`.
+fn backlog_line(r: &StatusReport) -> String {
+    let by_priority = if r.delivering_by_priority.is_empty() {
+        "empty".to_string()
+    } else {
+        let parts: Vec<String> = r
+            .delivering_by_priority
+            .iter()
+            .rev()
+            .map(|(p, n)| format!("{p}: {n}"))
+            .collect();
+        format!("{} (by priority)", parts.join(", "))
+    };
+    format!("backlog:   {by_priority}; {} expired", r.expired)
+}
+
 /// A row for `--json` output (not a protocol answer: built here, for
 /// scripts reading the CLI).
 pub(super) fn row_json(row: &Row, with_body: bool) -> Value {
@@ -133,23 +151,25 @@ pub(super) fn row_json(row: &Row, with_body: bool) -> Value {
 
 pub(super) fn print_table(rows: &[Row]) {
     out!(
-        "{:<38} {:<10} {:>5}  {:<20} {:<20} {:<20} LAST ERROR",
+        "{:<38} {:<10} {:>5}  {:<20} {:<20} {:<20} {:>3}  LAST ERROR",
         "ID",
         "STATUS",
         "TRIES",
         "EXCHANGE",
         "ROUTING KEY",
-        "CREATED"
+        "CREATED",
+        "PRI"
     );
     for r in rows {
         out!(
-            "{:<38} {:<10} {:>5}  {:<20} {:<20} {:<20} {}",
+            "{:<38} {:<10} {:>5}  {:<20} {:<20} {:<20} {:>3}  {}",
             r.id,
             r.status.name(),
             r.try_count,
             r.exchange,
             r.routing_key,
             format_time(r.create_time),
+            r.priority,
             r.last_error.as_deref().unwrap_or("")
         );
     }
@@ -170,6 +190,8 @@ pub(super) fn print_row(r: &Row) {
     );
     out!("headers:       {}", r.headers.as_deref().unwrap_or("-"));
     out!("last error:    {}", r.last_error.as_deref().unwrap_or("-"));
+    out!("priority:      {}", r.priority);
+    out!("expires:       {}", format_time(r.expire_time));
     if r.body_is_text {
         out!(
             "body ({} bytes):\n{}",

@@ -48,10 +48,10 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 use env::apply_env;
-use values::{at_least_one, empty_is_none, human_duration, optional_address};
+use values::{at_least_one, empty_is_none, human_duration, optional_address, optional_duration};
 pub(crate) use values::{format_duration, redact_url};
 pub(crate) use values::{
-    ExchangeKind, FileMode, HandlerKind, LogFormat, QueueType, Synchronous, TimeOfDay,
+    ExchangeKind, FileMode, HandlerKind, LogFormat, Order, QueueType, Synchronous, TimeOfDay,
 };
 
 /// Environment variable naming the configuration file when `-c` is absent.
@@ -251,6 +251,12 @@ pub(crate) struct PublishConfig {
     pub max_rate: u32,
     /// Body bytes published per second, at most; 0: no cap.
     pub max_bytes_rate: ByteSize,
+    /// The backlog's order within a priority.
+    pub order: Order,
+    /// How long a message without a `ttl` of its own may wait to be
+    /// published; `""` (none): it waits for ever.
+    #[serde(with = "optional_duration")]
+    pub max_age: Option<Duration>,
 }
 
 impl Default for PublishConfig {
@@ -263,6 +269,8 @@ impl Default for PublishConfig {
             resend_every: Duration::from_secs(30),
             max_rate: 0,
             max_bytes_rate: ByteSize::b(0),
+            order: Order::OldestFirst,
+            max_age: None,
         }
     }
 }

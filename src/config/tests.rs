@@ -31,6 +31,8 @@ fn defaults_match_the_documentation() {
     assert_eq!(c.publish.retry_interval, Duration::from_secs(60));
     assert_eq!(c.publish.max_rate, 0);
     assert_eq!(c.publish.max_bytes_rate, ByteSize::b(0));
+    assert_eq!(c.publish.order, super::Order::OldestFirst);
+    assert_eq!(c.publish.max_age, None);
     assert_eq!(c.consumer.queue, None);
     assert_eq!(c.consumer.prefetch.get(), 1);
     assert_eq!(c.consumer.max_attempts.get(), 2);
@@ -200,6 +202,8 @@ retry_interval = "1m"
 resend_every = "30s"
 max_rate = 0
 max_bytes_rate = "0 B"
+order = "oldest_first"
+max_age = ""
 
 [consumer]
 queue = ""
@@ -233,7 +237,8 @@ fn the_printed_configuration_is_the_written_syntax_and_loads_again() {
     let file = "[submit]\nsocket_mode = \"0600\"\n[broker]\npassword_file = \"/run/pw\"\n\
                 [consumer]\nqueue = \"q\"\ndead_letter_exchange = \"dlx\"\n\
                 bindings = [{ exchange = \"x\", exchange_type = \"fanout\" }]\n\
-                [purge]\nat = \"04:30\"\nbatch_size = 50\n[metrics]\nlisten = \"[::1]:9464\"\n";
+                [purge]\nat = \"04:30\"\nbatch_size = 50\n[metrics]\nlisten = \"[::1]:9464\"\n\
+                [publish]\norder = \"newest_first\"\nmax_age = \"2h\"\n";
     let c = load_from(Some(file), "f", &[]).unwrap();
     let shown = toml::to_string(&c).unwrap();
     for line in [
@@ -245,6 +250,8 @@ fn the_printed_configuration_is_the_written_syntax_and_loads_again() {
         "at = \"04:30\"",
         "batch_size = 50",
         "listen = \"[::1]:9464\"",
+        "order = \"newest_first\"",
+        "max_age = \"2h\"",
     ] {
         assert!(shown.lines().any(|l| l == line), "{line} not in {shown}");
     }

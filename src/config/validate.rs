@@ -175,6 +175,12 @@ fn validate_publish(p: &PublishConfig) -> Result<(), ConfigError> {
     if p.resend_every.is_zero() {
         return Err(invalid("publish.resend_every", "must be more than 0"));
     }
+    if p.max_age.is_some_and(|d| d.is_zero()) {
+        return Err(invalid(
+            "publish.max_age",
+            "must be more than 0 (\"\" turns it off)",
+        ));
+    }
     Ok(())
 }
 
@@ -271,6 +277,8 @@ mod tests {
         assert!(e.starts_with("broker.urls"), "{e}");
         let e = refused("[publish]\nresend_every = \"0s\"\n");
         assert_eq!(e, "publish.resend_every: must be more than 0");
+        let e = refused("[publish]\nmax_age = \"0s\"\n");
+        assert!(e.starts_with("publish.max_age: must be more than 0"), "{e}");
         let e = refused("[consumer]\nhandler = \"exec\"\n");
         assert!(e.starts_with("consumer.exec"), "{e}");
         let e = refused("[log]\nlevel = \"[[\"\n");

@@ -28,6 +28,18 @@ pub(crate) enum Synchronous {
     Normal,
 }
 
+/// The order the backlog is forwarded in, within a priority
+/// (`publish.order`; docs/forwarding.md, Passes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Order {
+    /// Oldest first: the order messages were submitted in.
+    #[default]
+    OldestFirst,
+    /// Newest first: live data first after an outage.
+    NewestFirst,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum QueueType {
@@ -303,6 +315,35 @@ pub(super) mod human_duration {
             }
         }
         format!("{secs}s")
+    }
+}
+
+/// An optional duration, `""` when there is none (off).
+pub(super) mod optional_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(
+        d: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => serializer.serialize_str(&super::human_duration::format(*d)),
+            None => serializer.serialize_str(""),
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text.is_empty() {
+            return Ok(None);
+        }
+        humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration: {e}")))
     }
 }
 

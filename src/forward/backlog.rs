@@ -2,22 +2,32 @@
 //! Passes).
 //!
 //! Role: the forwarder never keeps messages of its own; it walks `msg_log`.
-//! A **pass** walks every delivering row whose `next_try_time` has passed,
-//! in insertion order, a page at a time, skipping rows already in flight.
+//! A **pass** walks every delivering row whose `next_try_time` has passed
+//! and whose expiry has not, highest priority first and, within a priority,
+//! in insertion order (`publish.order = "oldest_first"`) or its reverse
+//! (`"newest_first"`), a page at a time, skipping rows already in flight.
 //! The first publish of a new row and every re-publish are the same thing:
 //! a row a pass reaches. A pass has no horizon, so no row that is due is
 //! ever left behind (unlike a resend job that looks only at rows due in the
 //! last few minutes).
 //!
-//! Owns: [`Backlog`], the pass cursor (a rowid), the current page and the
-//! read of the next one. The forwarder owns one and asks it for the next
-//! row. New rows continue the current pass from the cursor;
-//! [`Backlog::rewind`] starts a new pass from the oldest row (after a
-//! reconnect, a reopened channel, and on every pass request).
+//! Owns: [`Backlog`], the pass cursor (a priority and a rowid), the current
+//! page and the read of the next one. The forwarder owns one and asks it
+//! for the next row. New rows that sort after the cursor continue the
+//! current pass; new rows that sort before it (a higher priority than the
+//! cursor's, or any new row of the cursor's priority when newest first)
+//! make the next page read start again from the head of the backlog, so
+//! they wait at most for the page already read (docs/decisions/0030).
+//! [`Backlog::rewind`] starts a new pass from the head (after a reconnect,
+//! a reopened channel, and on every pass request).
 //!
 //! Invariants:
 //! - Memory is one page plus the in-flight window, whatever the backlog
-//!   size: rows are read in pages of [`PAGE_SIZE`] by a cursor.
+//!   size: rows are read in pages of [`PAGE_SIZE`] by a cursor, each page
+//!   an index range scan per priority (no sort; `store/reader.rs`).
+//! - A row read twice (a page re-read from the head) is handed out once:
+//!   the ledger holds it from the first hand-out until its outcome is
+//!   committed, and a copy read before that commit is stale.
 //! - After a restart every delivering row is due at once (`next_try_time`
 //!   only delays failed attempts, and a new agent starts with a full pass).
 //! - [`Backlog::next`] is cancel-safe: the forwarder polls it in a
@@ -28,7 +38,8 @@ use std::collections::VecDeque;
 use tokio::task::JoinHandle;
 
 use super::ledger::Ledger;
-use crate::store::{now_ms, OutgoingRow, Reader, StoreError};
+use crate::config::Order;
+use crate::store::{now_ms, Cursor, OutgoingRow, Reader, StoreError};
 
 /// Rows read per page.
 pub(crate) const PAGE_SIZE: usize = 512;
@@ -36,8 +47,12 @@ pub(crate) const PAGE_SIZE: usize = 512;
 /// The forwarder's walk over due rows.
 pub(crate) struct Backlog {
     reader: Reader,
-    /// Rows with a rowid up to this one were read by the current pass.
-    cursor: i64,
+    order: Order,
+    /// Rows up to this one (in the backlog's order) were read by the
+    /// current pass.
+    cursor: Cursor,
+    /// New rows sort before the cursor: the next read starts at the head.
+    look_back: bool,
     /// The rows of the current page, each with the number of the read
     /// that produced it (see [`Ledger::stale`]).
     page: VecDeque<(u64, OutgoingRow)>,
@@ -59,10 +74,12 @@ pub(crate) struct Backlog {
 }
 
 impl Backlog {
-    pub(crate) fn new(reader: Reader) -> Self {
+    pub(crate) fn new(reader: Reader, order: Order) -> Self {
         Backlog {
             reader,
-            cursor: 0,
+            order,
+            cursor: Cursor::START,
+            look_back: false,
             page: VecDeque::new(),
             reads: 0,
             reading: None,
@@ -72,9 +89,10 @@ impl Backlog {
         }
     }
 
-    /// Starts a new pass from the oldest row.
+    /// Starts a new pass from the head of the backlog.
     pub(crate) fn rewind(&mut self) {
-        self.cursor = 0;
+        self.cursor = Cursor::START;
+        self.look_back = false;
         self.page.clear();
         // A read in progress belongs to the old pass; its result is dropped.
         self.reading = None;
@@ -82,10 +100,16 @@ impl Backlog {
         self.handed_out = 0;
     }
 
-    /// New rows were committed: the current pass goes on past its end.
-    pub(crate) fn more_rows(&mut self) {
+    /// New rows were committed, the highest of priority `top` (`None`:
+    /// not known to the caller, taken as the highest): the current pass
+    /// goes on past its end, and looks back to the head when they sort
+    /// before the cursor.
+    pub(crate) fn more_rows(&mut self, top: Option<u8>) {
         self.exhausted = false;
         self.more_since_read = true;
+        if let Some(top) = top {
+            self.look_back |= sorts_before(top, self.cursor, self.order);
+        }
     }
 
     /// Nothing to hand out until new rows or a rewind.
@@ -110,12 +134,16 @@ impl Backlog {
     }
 
     fn start_read(&mut self) {
+        if std::mem::take(&mut self.look_back) {
+            self.cursor = Cursor::START;
+        }
         let reader = self.reader.clone();
         let after = self.cursor;
+        let order = self.order;
         self.more_since_read = false;
         self.reads += 1;
         self.reading = Some(tokio::task::spawn_blocking(move || {
-            reader.due_page(after, now_ms(), PAGE_SIZE)
+            reader.due_page(after, order, now_ms(), PAGE_SIZE)
         }));
     }
 
@@ -145,12 +173,51 @@ impl Backlog {
             self.reading = None;
             let page = page??;
             match page.last() {
-                Some(last) => self.cursor = last.rowid,
+                Some(last) => {
+                    self.cursor = Cursor {
+                        priority: last.priority,
+                        rowid: Some(last.rowid),
+                    }
+                }
                 None if self.more_since_read => {}
                 None => self.exhausted = true,
             }
             let read = self.reads;
             self.page.extend(page.into_iter().map(|row| (read, row)));
         }
+    }
+}
+
+/// Whether a row committed now with priority `priority` sorts before
+/// `cursor` in `order` (a new row has the highest rowid so far).
+fn sorts_before(priority: u8, cursor: Cursor, order: Order) -> bool {
+    if cursor.rowid.is_none() && cursor.priority == Cursor::START.priority {
+        return false;
+    }
+    match order {
+        Order::OldestFirst => priority > cursor.priority,
+        Order::NewestFirst => priority >= cursor.priority,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_rows_look_back_only_when_they_sort_before_the_cursor() {
+        let at = |priority, rowid| Cursor { priority, rowid };
+        // Nothing read yet: the next read starts at the head anyway.
+        assert!(!sorts_before(9, Cursor::START, Order::OldestFirst));
+        assert!(!sorts_before(9, Cursor::START, Order::NewestFirst));
+        // Oldest first: a new row of the cursor's priority comes after it.
+        assert!(!sorts_before(3, at(3, Some(10)), Order::OldestFirst));
+        assert!(!sorts_before(2, at(3, Some(10)), Order::OldestFirst));
+        assert!(sorts_before(4, at(3, Some(10)), Order::OldestFirst));
+        assert!(sorts_before(4, at(3, None), Order::OldestFirst));
+        // Newest first: a new row of the cursor's priority is the newest.
+        assert!(sorts_before(3, at(3, Some(10)), Order::NewestFirst));
+        assert!(!sorts_before(2, at(3, Some(10)), Order::NewestFirst));
+        assert!(sorts_before(9, at(9, Some(10)), Order::NewestFirst));
     }
 }

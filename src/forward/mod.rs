@@ -45,7 +45,8 @@
 //!   broker → reopened on the same connection once fully closed (paced when
 //!   closes come in a row), stays **Up**; blocked by the broker (`connection.blocked`)
 //!   → stays **Up**, publishes nothing until unblocked. Every new link and
-//!   every reopened channel starts a new pass from the oldest row.
+//!   every reopened channel starts a new pass from the head of the backlog
+//!   (highest priority, then `publish.order`).
 //!   Shutdown → drain the confirms (bounded), record them, close (bounded)
 //!   → **Stopped**.
 //! - **Stopped**: the task returns.

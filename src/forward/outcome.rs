@@ -149,11 +149,15 @@ pub(crate) fn short_fields(row: &OutgoingRow) -> Result<(), String> {
     Ok(())
 }
 
-/// AMQP properties of a row: persistent, its id, its submit time, its
-/// content type and headers when it has them. `Err` when the stored
-/// headers cannot be sent (a row written into `msg_log` by hand): the row
-/// is then charged with that reason instead of being published.
-pub(crate) fn properties(row: &OutgoingRow) -> Result<BasicProperties, String> {
+/// AMQP properties of a row published at `now` (epoch ms): persistent, its
+/// id, its submit time, its content type and headers when it has them, its
+/// priority when above 0, and when it can expire the time it has left as
+/// `expiration` (milliseconds, at least 1; docs/forwarding.md, Message
+/// properties). `Err` when the stored headers cannot be sent (a row
+/// written into `msg_log` by hand): the row is then charged with that
+/// reason instead of being published. The caller never publishes a row
+/// whose expiry has passed.
+pub(crate) fn properties(row: &OutgoingRow, now: i64) -> Result<BasicProperties, String> {
     short_fields(row)?;
     let mut properties = BasicProperties::default()
         .with_message_id(row.id.as_str().into())
@@ -169,6 +173,13 @@ pub(crate) fn properties(row: &OutgoingRow) -> Result<BasicProperties, String> {
     if let Some(stored) = row.headers.as_deref() {
         let table = headers::encode(stored).map_err(|e| e.to_string())?;
         properties = properties.with_headers(table);
+    }
+    if row.priority > 0 {
+        properties = properties.with_priority(row.priority);
+    }
+    if let Some(expires) = row.expire_time {
+        let left = expires.saturating_sub(now).max(1);
+        properties = properties.with_expiration(left.to_string().into());
     }
     Ok(properties)
 }
@@ -259,8 +270,11 @@ mod tests {
             headers: Some(r#"{"a":"s"}"#.into()),
             content_type: Some("text/plain".into()),
             create_time: Some(1_700_000_000_123),
+            priority: 0,
+            expire_time: None,
         };
-        let p = properties(&row).unwrap();
+        let p = properties(&row, 0).unwrap();
+        assert!(p.priority().is_none() && p.expiration().is_none());
         assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), Some("m-1"));
         assert_eq!(*p.delivery_mode(), Some(2));
         assert_eq!(*p.timestamp(), Some(1_700_000_000));
@@ -278,7 +292,7 @@ mod tests {
             create_time: None,
             ..row.clone()
         };
-        let p = properties(&bare).unwrap();
+        let p = properties(&bare, 0).unwrap();
         assert!(p.headers().is_none() && p.content_type().is_none());
         assert_eq!(*p.timestamp(), Some(0));
         let broken = OutgoingRow {
@@ -286,9 +300,30 @@ mod tests {
             ..row
         };
         assert!(
-            properties(&broken).is_err(),
+            properties(&broken, 0).is_err(),
             "a row that cannot be sent says why"
         );
+    }
+
+    #[test]
+    fn a_row_carries_its_priority_and_the_time_it_has_left() {
+        let row = OutgoingRow {
+            rowid: 1,
+            id: "m-1".into(),
+            body: b"x".to_vec(),
+            exchange: "ex".into(),
+            routing_key: "rk".into(),
+            headers: None,
+            content_type: None,
+            create_time: Some(1_000),
+            priority: 7,
+            expire_time: Some(31_000),
+        };
+        let p = properties(&row, 30_750).unwrap();
+        assert_eq!(*p.priority(), Some(7));
+        assert_eq!(p.expiration().as_ref().map(|s| s.as_str()), Some("250"));
+        let p = properties(&row, 31_000).unwrap();
+        assert_eq!(p.expiration().as_ref().map(|s| s.as_str()), Some("1"));
     }
 
     fn tokio_timeout_elapsed() -> tokio::time::error::Elapsed {

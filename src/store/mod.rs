@@ -11,7 +11,7 @@
 //! - `open.rs`: the lock file, the pragmas, `quick_check`, the migrations;
 //! - `writer.rs`: the group-commit writer thread;
 //! - `write.rs`: the write SQL (insert, publish outcomes, consumer results,
-//!   purge batch, page reclaim);
+//!   expiry batch, purge batch, page reclaim);
 //! - `reader.rs`: the pooled read-only connections and their queries;
 //! - `admin.rs`: the CLI's direct changes (`retry`, `purge`);
 //! - `types.rs`, `error.rs`: what goes in and out, and what can fail.
@@ -101,6 +101,7 @@ mod write;
 mod writer;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -113,10 +114,13 @@ pub use error::StoreError;
 pub use key::Database;
 pub use open::{apply_schema, SCHEMA_VERSION};
 pub use reader::Reader;
+pub use types::{
+    Backlog, Cursor, NewMessage, OutgoingRow, PurgeCutoffs, Status, StatusCounts, EXPIRED,
+    MAX_PRIORITY,
+};
 pub(crate) use types::{
     ConsumeVerdict, Consumption, Delivered, Inserted, PublishOutcome, RetryPolicy, Row,
 };
-pub use types::{NewMessage, OutgoingRow, PurgeCutoffs, Status, StatusCounts};
 use writer::{Limits, WriteRequest};
 
 /// How long closing the store waits for the writer thread.
@@ -131,7 +135,12 @@ pub struct Store {
     writer: mpsc::Sender<WriteRequest>,
     writer_thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     new_rows: Arc<Notify>,
+    /// The highest priority committed since the forwarder last asked
+    /// ([`Store::take_new_priority`]), -1 for none.
+    new_priority: Arc<AtomicI64>,
     reader: Reader,
+    /// `publish.max_age` in ms: the expiry of a message without a `ttl`.
+    default_ttl_ms: Option<i64>,
 }
 
 impl Store {
@@ -151,14 +160,31 @@ impl Store {
         };
         let reader = Reader::open(&database)?;
         let new_rows = Arc::new(Notify::new());
-        let (writer, thread) = writer::start(conn, path, limits, new_rows.clone())?;
+        let new_priority = Arc::new(AtomicI64::new(-1));
+        let (writer, thread) =
+            writer::start(conn, path, limits, new_rows.clone(), new_priority.clone())?;
         Ok(Store {
             _lock: Arc::new(lock),
             writer,
             writer_thread: Arc::new(Mutex::new(Some(thread))),
             new_rows,
+            new_priority,
             reader,
+            default_ttl_ms: None,
         })
+    }
+
+    /// Messages submitted without a `ttl` expire `max_age` after their
+    /// submit (`publish.max_age`; docs/forwarding.md, Expiry).
+    pub(crate) fn with_max_age(mut self, max_age: Option<Duration>) -> Store {
+        self.default_ttl_ms = max_age.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        self
+    }
+
+    /// The highest priority of the rows committed since the last call, if
+    /// any were: whether new rows go before the forwarder's cursor.
+    pub(crate) fn take_new_priority(&self) -> Option<u8> {
+        u8::try_from(self.new_priority.swap(-1, Ordering::AcqRel)).ok()
     }
 
     /// Queues `request` for the writer ([`StoreError::Closed`] once it stopped).
@@ -175,8 +201,9 @@ impl Store {
     /// or failed: then nothing is stored).
     pub(crate) async fn enqueue_insert(
         &self,
-        message: NewMessage,
+        mut message: NewMessage,
     ) -> Result<PendingInsert, StoreError> {
+        message.ttl_ms = message.ttl_ms.or(self.default_ttl_ms);
         let (reply, answer) = oneshot::channel();
         self.send(WriteRequest::Insert { message, reply }).await?;
         Ok(Pending(answer))
@@ -225,6 +252,14 @@ impl Store {
             reply,
         })
         .await?;
+        Pending(answer).await
+    }
+
+    /// Moves up to `limit` delivering rows past their expiry to failed
+    /// (`last_error` "expired") in one transaction; returns how many.
+    pub(crate) async fn expire_batch(&self, limit: u32) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(WriteRequest::Expire { limit, reply }).await?;
         Pending(answer).await
     }
 

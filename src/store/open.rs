@@ -28,7 +28,10 @@ use crate::config::Synchronous;
 
 /// Migrations, in order: entry `i` brings `user_version` from `i` to `i + 1`.
 /// Never edit one that shipped; add the next one after it.
-const MIGRATIONS: &[&str] = &[include_str!("../../schema.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../schema.sql"),
+    include_str!("../../schema-v2.sql"),
+];
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -231,5 +234,39 @@ mod tests {
             )
             .unwrap();
         assert_eq!(default, crate::store::Status::Delivering.code().to_string());
+    }
+
+    /// A file at version 1 with rows (what agents before priorities wrote)
+    /// upgrades in place: its rows keep everything and get priority 0 and
+    /// no expiry.
+    #[test]
+    fn a_version_1_file_upgrades_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = db_path(dir.path());
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA auto_vacuum = INCREMENTAL; {}; PRAGMA user_version = 1; \
+             INSERT INTO msg_log (id, msg, create_time) VALUES ('old', 'body', 7);",
+            MIGRATIONS[0]
+        ))
+        .unwrap();
+        drop(conn);
+        let conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        let (msg, created, priority, expires): (String, i64, i64, Option<i64>) = conn
+            .query_row(
+                "SELECT msg, create_time, priority, expire_time FROM msg_log WHERE id = 'old'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (msg.as_str(), created, priority, expires),
+            ("body", 7, 0, None)
+        );
+        let bad = conn.execute(
+            "INSERT INTO msg_log (id, msg, priority) VALUES ('x', 'y', 10)",
+            [],
+        );
+        assert!(bad.is_err(), "priority 10 must be refused by the schema");
     }
 }

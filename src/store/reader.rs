@@ -24,7 +24,9 @@ use rusqlite::{named_params, params, Connection, OpenFlags, OptionalExtension};
 
 use super::error::open_error;
 use super::open::BUSY_TIMEOUT;
+use super::types::{Backlog, Cursor, EXPIRED, MAX_PRIORITY};
 use super::{Database, OutgoingRow, PurgeCutoffs, Row, Status, StatusCounts, StoreError};
+use crate::config::Order;
 
 /// Read-only access: the reader pool. What the CLI uses when the agent is down.
 #[derive(Clone)]
@@ -34,7 +36,7 @@ pub struct Reader {
 }
 
 const ROW_COLUMNS: &str = "id, status, exchange, routing_key, try_count, next_try_time, \
-     create_time, update_time, last_error, headers, content_type, msg";
+     create_time, update_time, last_error, headers, content_type, msg, priority, expire_time";
 
 fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     let (body, body_is_text) = match r.get_ref(11)? {
@@ -54,19 +56,32 @@ fn row_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         last_error: r.get(8)?,
         headers: r.get(9)?,
         content_type: r.get(10)?,
+        priority: r.get(12)?,
+        expire_time: r.get(13)?,
         body,
         body_is_text,
     })
 }
 
-/// The forwarder's page: `?4` is [`Status::Delivering`].
-const DUE_PAGE_SQL: &str = "SELECT rowid, id, msg, exchange, routing_key, headers, \
-     content_type, create_time FROM msg_log WHERE status = ?4 AND rowid > ?1 \
-     AND (next_try_time IS NULL OR next_try_time <= ?2) ORDER BY rowid LIMIT ?3";
+/// The forwarder's page within one priority, oldest first: `:status` is
+/// [`Status::Delivering`]. A row past its expiry is not due: the expiry
+/// sweep settles it (docs/forwarding.md, Expiry).
+const DUE_PAGE_OLDEST_SQL: &str = "SELECT rowid, id, msg, exchange, routing_key, headers, \
+     content_type, create_time, priority, expire_time FROM msg_log \
+     WHERE status = :status AND priority = :priority AND rowid > :after \
+     AND (next_try_time IS NULL OR next_try_time <= :now) \
+     AND (expire_time IS NULL OR expire_time > :now) ORDER BY rowid LIMIT :limit";
 
-/// One delivering row by id, with the columns of [`DUE_PAGE_SQL`].
+/// [`DUE_PAGE_OLDEST_SQL`], newest first: the same index walked backwards.
+const DUE_PAGE_NEWEST_SQL: &str = "SELECT rowid, id, msg, exchange, routing_key, headers, \
+     content_type, create_time, priority, expire_time FROM msg_log \
+     WHERE status = :status AND priority = :priority AND rowid < :after \
+     AND (next_try_time IS NULL OR next_try_time <= :now) \
+     AND (expire_time IS NULL OR expire_time > :now) ORDER BY rowid DESC LIMIT :limit";
+
+/// One delivering row by id, with the columns of the due pages.
 const OUTGOING_SQL: &str = "SELECT rowid, id, msg, exchange, routing_key, headers, \
-     content_type, create_time FROM msg_log WHERE status = ?2 AND id = ?1";
+     content_type, create_time, priority, expire_time FROM msg_log WHERE status = ?2 AND id = ?1";
 
 /// A row of [`DUE_PAGE_SQL`] or [`OUTGOING_SQL`].
 fn outgoing_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutgoingRow> {
@@ -83,6 +98,8 @@ fn outgoing_from(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutgoingRow> {
         headers: r.get(5)?,
         content_type: r.get(6)?,
         create_time: r.get(7)?,
+        priority: r.get(8)?,
+        expire_time: r.get(9)?,
     })
 }
 
@@ -223,26 +240,76 @@ impl Reader {
         Ok(rows)
     }
 
-    /// Up to `limit` delivering rows after `after_rowid` that are due at `now`,
-    /// oldest first: one page of the forwarder's backlog.
+    /// Up to `limit` delivering rows due at `now` after `cursor`, in the
+    /// backlog's order: highest priority first, and within a priority
+    /// `order` by rowid (docs/forwarding.md, Passes). One page of the
+    /// forwarder's backlog; each priority is one index range scan, so a page
+    /// costs the same whatever the backlog's size.
     pub(crate) fn due_page(
         &self,
-        after_rowid: i64,
+        cursor: Cursor,
+        order: Order,
         now: i64,
         limit: usize,
     ) -> Result<Vec<OutgoingRow>, StoreError> {
         let conn = self.conn()?;
-        let mut stmt = conn.prepare_cached(DUE_PAGE_SQL)?;
-        let rows = stmt.query_map(
-            params![
-                after_rowid,
-                now,
-                i64::try_from(limit).unwrap_or(i64::MAX),
-                Status::Delivering
-            ],
-            outgoing_from,
+        let sql = match order {
+            Order::OldestFirst => DUE_PAGE_OLDEST_SQL,
+            Order::NewestFirst => DUE_PAGE_NEWEST_SQL,
+        };
+        let mut stmt = conn.prepare_cached(sql)?;
+        let mut page = Vec::new();
+        let mut at = cursor;
+        loop {
+            let after = at.rowid.unwrap_or(match order {
+                Order::OldestFirst => i64::MIN,
+                Order::NewestFirst => i64::MAX,
+            });
+            let want = limit.saturating_sub(page.len());
+            let rows = stmt.query_map(
+                named_params! {
+                    ":status": Status::Delivering,
+                    ":priority": at.priority,
+                    ":after": after,
+                    ":now": now,
+                    ":limit": i64::try_from(want).unwrap_or(i64::MAX),
+                },
+                outgoing_from,
+            )?;
+            for row in rows {
+                page.push(row?);
+            }
+            if page.len() >= limit || at.priority == 0 {
+                return Ok(page);
+            }
+            at = Cursor {
+                priority: at.priority - 1,
+                rowid: None,
+            };
+        }
+    }
+
+    /// Delivering rows per priority, and the rows that expired (failed with
+    /// `last_error` [`EXPIRED`]): the status report's backlog.
+    pub(crate) fn backlog(&self) -> Result<(Backlog, u64), StoreError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT priority, COUNT(*) FROM msg_log WHERE status = ?1 GROUP BY priority",
         )?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        let mut backlog = Backlog::default();
+        let rows = stmt.query_map([Status::Delivering], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        for row in rows {
+            let (priority, n) = row?;
+            // The schema's CHECK keeps priorities in 0..=9.
+            let slot = usize::try_from(priority.clamp(0, i64::from(MAX_PRIORITY))).unwrap_or(0);
+            backlog.by_priority[slot] += n.max(0) as u64;
+        }
+        let expired: i64 = conn
+            .prepare_cached("SELECT COUNT(*) FROM msg_log WHERE status = ?1 AND last_error = ?2")?
+            .query_row(params![Status::Failed, EXPIRED], |r| r.get(0))?;
+        Ok((backlog, expired.max(0) as u64))
     }
 
     /// One row as the forwarder publishes it, if it is still delivering
@@ -335,7 +402,9 @@ mod tests {
             assert_eq!(listed.len(), 1);
             assert_eq!(listed[0].id, status.name());
         }
-        let due = reader.due_page(0, 2, 10).unwrap();
+        let due = reader
+            .due_page(Cursor::START, Order::OldestFirst, 2, 10)
+            .unwrap();
         let due: Vec<&str> = due.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(due, [Status::Delivering.name()]);
         assert_eq!(reader.oldest_delivering().unwrap(), Some(1));
@@ -399,22 +468,100 @@ mod tests {
         assert_eq!(std::fs::read(&garbage).unwrap(), vec![0x42u8; 8192]);
     }
 
-    /// The forwarder's page walks the status index in rowid order; binding
-    /// the status as a parameter must keep it that way.
+    /// The forwarder's pages walk the priority index in rowid order, either
+    /// way: an index range scan, never a sort into a temporary B-tree
+    /// (which would hold the whole priority's backlog to sort it).
     #[test]
-    fn the_due_page_is_an_index_range_scan() {
+    fn the_due_pages_are_index_range_scans_without_a_sort() {
         let dir = tempfile::tempdir().unwrap();
         let (conn, _reader) = fixture(dir.path());
-        let plan: Vec<String> = conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {DUE_PAGE_SQL}"))
-            .unwrap()
-            .query_map(params![0, 0, 10, Status::Delivering], |r| r.get(3))
-            .unwrap()
-            .collect::<Result<_, _>>()
+        for (sql, range) in [
+            (DUE_PAGE_OLDEST_SQL, "rowid>?"),
+            (DUE_PAGE_NEWEST_SQL, "rowid<?"),
+        ] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(
+                    named_params! {
+                        ":status": Status::Delivering,
+                        ":priority": 0,
+                        ":after": 0,
+                        ":now": 0,
+                        ":limit": 10,
+                    },
+                    |r| r.get(3),
+                )
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(
+                plan,
+                [format!(
+                    "SEARCH msg_log USING INDEX msg_log_priority (status=? AND priority=? AND {range})"
+                )],
+                "{sql}"
+            );
+        }
+    }
+
+    /// Highest priority first; within a priority oldest or newest first; a
+    /// page crosses priorities; the cursor resumes where a page ended; a row
+    /// past its expiry or not yet due is not handed out.
+    #[test]
+    fn pages_follow_priority_then_order_and_resume_at_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        // (id, priority, expire_time, next_try_time), in insertion order.
+        let rows: [(&str, i64, Option<i64>, Option<i64>); 7] = [
+            ("a0", 0, None, None),
+            ("b5", 5, None, None),
+            ("c0", 0, None, None),
+            ("d9", 9, None, None),
+            ("e5", 5, None, None),
+            ("x5", 5, Some(100), None),
+            ("w0", 0, None, Some(10_000)),
+        ];
+        for (id, priority, expire, next) in rows {
+            conn.execute(
+                "INSERT INTO msg_log (id, msg, priority, expire_time, next_try_time) \
+                 VALUES (?1, 'x', ?2, ?3, ?4)",
+                params![id, priority, expire, next],
+            )
             .unwrap();
-        assert_eq!(
-            plan,
-            ["SEARCH msg_log USING INDEX msg_log_status (status=? AND rowid>?)"]
-        );
+        }
+        let reader = Reader::open(&path).unwrap();
+        let ids = |page: &[OutgoingRow]| page.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        let now = 1_000;
+        let all = reader
+            .due_page(Cursor::START, Order::OldestFirst, now, 100)
+            .unwrap();
+        assert_eq!(ids(&all), ["d9", "b5", "e5", "a0", "c0"]);
+        let all = reader
+            .due_page(Cursor::START, Order::NewestFirst, now, 100)
+            .unwrap();
+        assert_eq!(ids(&all), ["d9", "e5", "b5", "c0", "a0"]);
+        // Two rows a page: the cursor of the last row read resumes the walk.
+        for order in [Order::OldestFirst, Order::NewestFirst] {
+            let mut cursor = Cursor::START;
+            let mut walked = Vec::new();
+            loop {
+                let page = reader.due_page(cursor, order, now, 2).unwrap();
+                let Some(last) = page.last() else { break };
+                cursor = Cursor {
+                    priority: last.priority,
+                    rowid: Some(last.rowid),
+                };
+                walked.extend(ids(&page));
+            }
+            let whole = reader.due_page(Cursor::START, order, now, 100).unwrap();
+            assert_eq!(walked, ids(&whole), "{order:?}");
+        }
+        let (backlog, expired) = reader.backlog().unwrap();
+        assert_eq!(backlog.by_priority[0], 3);
+        assert_eq!(backlog.by_priority[5], 3);
+        assert_eq!(backlog.by_priority[9], 1);
+        assert_eq!(expired, 0);
     }
 }

@@ -33,6 +33,8 @@ fn message(id: &str, body: &[u8]) -> NewMessage {
         routing_key: "rk".into(),
         headers: None,
         content_type: "text/plain".into(),
+        priority: 0,
+        ttl_ms: None,
     }
 }
 
@@ -203,4 +205,55 @@ async fn purge_deletes_old_settled_rows_in_batches_never_delivering() {
     left.sort();
     assert_eq!(left, ["new-delivered", "old-delivering", "old-failed"]);
     store.close().await;
+}
+
+/// A row past its expiry becomes failed, "expired", through the writer;
+/// one with time left, one without an expiry and a settled one stay; the
+/// agent's `max_age` applies to a message without a `ttl` of its own; the
+/// priority is stored, and the forwarder hears of the highest one.
+#[tokio::test]
+async fn expired_rows_fail_as_expired_and_nothing_else_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&config(dir.path()))
+        .unwrap()
+        .with_max_age(Some(std::time::Duration::from_millis(1)));
+    let with = |id: &str, ttl: Option<i64>, priority: u8| NewMessage {
+        ttl_ms: ttl,
+        priority,
+        ..message(id, b"x")
+    };
+    insert(&store, with("short", Some(1), 3)).await.unwrap();
+    insert(&store, with("default", None, 7)).await.unwrap();
+    insert(&store, with("long", Some(3_600_000), 0))
+        .await
+        .unwrap();
+    assert_eq!(store.take_new_priority(), Some(7));
+    assert_eq!(store.take_new_priority(), None);
+    let no_default = Store::open(&StoreConfig {
+        path: dir.path().join("other.db"),
+        ..StoreConfig::default()
+    })
+    .unwrap();
+    insert(&no_default, with("forever", None, 0)).await.unwrap();
+    let forever = no_default.reader().get("forever").unwrap().unwrap();
+    assert_eq!(forever.expire_time, None);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert_eq!(store.expire_batch(1).await.unwrap(), 1, "the limit holds");
+    assert_eq!(store.expire_batch(100).await.unwrap(), 1);
+    assert_eq!(store.expire_batch(100).await.unwrap(), 0);
+    for id in ["short", "default"] {
+        let row = store.reader().get(id).unwrap().unwrap();
+        assert_eq!(row.status, Status::Failed, "{id}");
+        assert_eq!(row.last_error.as_deref(), Some(crate::store::EXPIRED));
+    }
+    assert_eq!(store.reader().get("short").unwrap().unwrap().priority, 3);
+    let long = store.reader().get("long").unwrap().unwrap();
+    assert_eq!(long.status, Status::Delivering);
+    assert!(long.expire_time.unwrap() > now_ms() + 3_500_000);
+    let (backlog, expired) = store.reader().backlog().unwrap();
+    assert_eq!(backlog.by_priority[0], 1);
+    assert_eq!(backlog.by_priority.iter().sum::<u64>(), 1);
+    assert_eq!(expired, 2);
+    store.close().await;
+    no_default.close().await;
 }

@@ -63,7 +63,7 @@ pub(crate) const TRANSITIONS: [Transition; 6] = [
     Transition {
         from: Status::Delivering,
         to: Status::Failed,
-        why: "publish.max_attempts attempts failed, or the consumer gave up",
+        why: "publish.max_attempts attempts failed, it expired, or the consumer gave up",
     },
     Transition {
         from: Status::Delivered,
@@ -168,6 +168,40 @@ pub struct NewMessage {
     /// AMQP headers as a JSON object text.
     pub headers: Option<String>,
     pub content_type: String,
+    /// 0 (the default) to [`MAX_PRIORITY`]: the backlog goes out highest
+    /// first (docs/forwarding.md, Passes).
+    pub priority: u8,
+    /// Milliseconds from the submit after which the row is never published;
+    /// `None`: the agent's `publish.max_age`, if it has one.
+    pub ttl_ms: Option<i64>,
+}
+
+/// The highest priority a message can have (AMQP's 0-9).
+pub const MAX_PRIORITY: u8 = 9;
+
+/// What `last_error` says of a row that expired before it was published.
+pub const EXPIRED: &str = "expired";
+
+/// Where a backlog walk is: the priority it reads and the last rowid it
+/// read there (`None`: none yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub priority: u8,
+    pub rowid: Option<i64>,
+}
+
+impl Cursor {
+    /// The head of the backlog: the highest priority, nothing read.
+    pub const START: Cursor = Cursor {
+        priority: MAX_PRIORITY,
+        rowid: None,
+    };
+}
+
+/// The backlog per priority: `by_priority[p]` delivering rows have priority `p`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub by_priority: [u64; MAX_PRIORITY as usize + 1],
 }
 
 /// What storing a [`NewMessage`] did.
@@ -191,6 +225,9 @@ pub(crate) struct Row {
     pub(crate) last_error: Option<String>,
     pub(crate) headers: Option<String>,
     pub(crate) content_type: Option<String>,
+    pub(crate) priority: u8,
+    /// Epoch ms after which it is never published; `None`: never expires.
+    pub(crate) expire_time: Option<i64>,
     #[serde(skip)]
     pub(crate) body: Vec<u8>,
     /// `msg` is stored as TEXT (valid UTF-8) rather than a BLOB.
@@ -332,6 +369,9 @@ pub struct OutgoingRow {
     pub headers: Option<String>,
     pub content_type: Option<String>,
     pub create_time: Option<i64>,
+    pub priority: u8,
+    /// Epoch ms after which it must not be published.
+    pub expire_time: Option<i64>,
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! the writer's group transaction (or the CLI's own, `store/admin.rs`).
 //!
 //! Owns the insert of a submitted message, the publish outcomes, the
-//! consumer's results, the purge batch and the page reclaim.
+//! consumer's results, the expiry batch, the purge batch and the page
+//! reclaim.
 //!
 //! Invariants:
 //! - Statuses move only as docs/storage.md, Statuses and transitions, allows:
@@ -30,10 +31,20 @@ pub(crate) const CONFIRMED: Move = Move::allowed(Status::Delivering, Status::Del
 /// The failed attempt that reaches `publish.max_attempts`.
 pub(crate) const EXHAUSTED: Move = Move::allowed(Status::Delivering, Status::Failed);
 
+/// A row that passed its expiry before it was published
+/// (docs/storage.md, Statuses and transitions).
+pub(crate) const EXPIRED_MOVE: Move = Move::allowed(Status::Delivering, Status::Failed);
+
 const INSERT_SQL: &str = "INSERT INTO msg_log (id, msg, exchange, routing_key, status, \
-     try_count, next_try_time, create_time, update_time, headers, content_type) \
+     try_count, next_try_time, create_time, update_time, headers, content_type, priority, \
+     expire_time) \
      VALUES (:id, :msg, :exchange, :routing_key, :status, 0, :now, :now, :now, :headers, \
-     :content_type) ON CONFLICT (id) DO NOTHING";
+     :content_type, :priority, :expire_time) ON CONFLICT (id) DO NOTHING";
+/// [`EXPIRED_MOVE`] for up to `:limit` rows past their expiry, through the
+/// partial index `msg_log_expiry`; returns how many moved.
+const EXPIRE_SQL: &str = "UPDATE msg_log SET status = :to, last_error = :error, \
+     update_time = :now WHERE rowid IN (SELECT rowid FROM msg_log \
+     WHERE status = :from AND expire_time <= :now LIMIT :limit)";
 /// [`CONFIRMED`].
 const DELIVERED_SQL: &str = "UPDATE msg_log SET status = :to, update_time = :now \
      WHERE id = :id AND status = :from";
@@ -84,6 +95,8 @@ pub(crate) fn insert_one(
         ":now": now,
         ":headers": message.headers,
         ":content_type": message.content_type,
+        ":priority": message.priority,
+        ":expire_time": message.ttl_ms.map(|ttl| now.saturating_add(ttl)),
     })?;
     if changed == 0 {
         return Ok(Ok(Inserted { duplicate: true }));
@@ -230,6 +243,19 @@ pub(crate) fn record_outcomes(
     Ok(settled)
 }
 
+/// Moves up to `limit` delivering rows past their expiry at `now` to
+/// failed, `last_error` [`EXPIRED`](super::types::EXPIRED); returns how many.
+pub(crate) fn expire_batch(conn: &Connection, now: i64, limit: u32) -> Result<u64, StoreError> {
+    let moved = conn.prepare_cached(EXPIRE_SQL)?.execute(named_params! {
+        ":from": EXPIRED_MOVE.from,
+        ":to": EXPIRED_MOVE.to,
+        ":error": super::types::EXPIRED,
+        ":now": now,
+        ":limit": i64::from(limit),
+    })?;
+    Ok(moved as u64)
+}
+
 /// The body as SQLite stores it: TEXT when it is UTF-8, else a BLOB.
 fn body_value(body: Vec<u8>) -> rusqlite::types::Value {
     match String::from_utf8(body) {
@@ -289,7 +315,7 @@ const RECLAIM_PAGES: u32 = 2048;
 mod tests {
     use rusqlite::params;
 
-    use super::{record_consumption, record_outcomes};
+    use super::{expire_batch, record_consumption, record_outcomes};
     use crate::config::Synchronous;
     use crate::store::open::open_writer_connection;
     use crate::store::types::TRANSITIONS;
@@ -320,13 +346,15 @@ mod tests {
             error: "exit 1".into(),
             max_attempts: 1,
         };
-        let writes = ["confirm", "reject", "consume", "give-up", "retry"];
+        let writes = ["confirm", "reject", "consume", "give-up", "retry", "expire"];
         let mut made = BTreeSet::new();
         for from in Status::ALL {
             for write in writes {
                 let id = format!("{from:?}-{write}");
+                // Already expired: only the expiry sweep looks at it.
                 conn.execute(
-                    "INSERT INTO msg_log (id, msg, status, create_time) VALUES (?1, 'x', ?2, ?3)",
+                    "INSERT INTO msg_log (id, msg, status, create_time, expire_time) \
+                     VALUES (?1, 'x', ?2, ?3, 0)",
                     params![id, from, now_ms()],
                 )
                 .unwrap();
@@ -350,6 +378,9 @@ mod tests {
                     }
                     "give-up" => {
                         record_consumption(&tx, &give_up(&id), now).unwrap();
+                    }
+                    "expire" => {
+                        expire_batch(&tx, now, u32::MAX).unwrap();
                     }
                     _ => {}
                 }

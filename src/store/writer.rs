@@ -18,6 +18,7 @@
 //!   deleted to make room (docs/storage.md, Limits).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,7 +27,9 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::error::{open_error, same_kind};
-use super::write::{insert_one, purge_batch, reclaim, record_consumption, record_outcomes};
+use super::write::{
+    expire_batch, insert_one, purge_batch, reclaim, record_consumption, record_outcomes,
+};
 use super::{
     free_disk, now_ms, ConsumeVerdict, Consumption, Inserted, NewMessage, PublishOutcome,
     PurgeCutoffs, RetryPolicy, Status, StatusCounts, StoreError,
@@ -67,6 +70,11 @@ pub(crate) enum WriteRequest {
         limit: u32,
         reply: oneshot::Sender<Result<StatusCounts, StoreError>>,
     },
+    /// Up to `limit` rows past their expiry become failed ("expired").
+    Expire {
+        limit: u32,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
     /// Liveness: answered after a commit, proving the writer turns.
     Probe {
         reply: oneshot::Sender<Result<(), StoreError>>,
@@ -82,9 +90,11 @@ pub(crate) fn start(
     path: PathBuf,
     limits: Limits,
     new_rows: Arc<Notify>,
+    new_priority: Arc<AtomicI64>,
 ) -> Result<(mpsc::Sender<WriteRequest>, JoinHandle<()>), StoreError> {
     let (tx, rx) = mpsc::channel(MAX_GROUP * 4);
     let mut writer = Writer::new(conn, path.clone(), limits, rx, new_rows)?;
+    writer.new_priority = new_priority;
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
         .spawn(move || writer.run())
@@ -125,6 +135,9 @@ struct Writer {
     limits: Limits,
     requests: mpsc::Receiver<WriteRequest>,
     new_rows: Arc<Notify>,
+    /// Raised to the highest priority of every group that stored rows,
+    /// before `new_rows` is notified (the forwarder's cue to look back).
+    new_priority: Arc<AtomicI64>,
     page_size: u64,
     /// Delivering rows, kept by the writer between exact recounts: the
     /// `store.max_pending` check must not count the table on every submit.
@@ -148,6 +161,7 @@ enum Reply {
         oneshot::Sender<Result<StatusCounts, StoreError>>,
         StatusCounts,
     ),
+    Expire(oneshot::Sender<Result<u64, StoreError>>, u64),
 }
 
 impl Reply {
@@ -187,6 +201,14 @@ impl Reply {
                 let _ = tx.send(Err(same_kind(e, m)));
                 false
             }
+            (Reply::Expire(tx, moved), None) => {
+                let _ = tx.send(Ok(moved));
+                false
+            }
+            (Reply::Expire(tx, _), Some((e, m))) => {
+                let _ = tx.send(Err(same_kind(e, m)));
+                false
+            }
         }
     }
 }
@@ -213,6 +235,7 @@ impl Writer {
             limits,
             requests,
             new_rows,
+            new_priority: Arc::new(AtomicI64::new(-1)),
             page_size: page_size.max(512) as u64,
             delivering: 0,
             counted_at: Instant::now(),
@@ -278,7 +301,8 @@ impl Writer {
             .iter()
             .any(|r| matches!(r, WriteRequest::Purge { .. }));
         let mut replies = Vec::with_capacity(group.len());
-        let outcome = self.apply(group, &mut replies);
+        let mut top_priority = -1;
+        let outcome = self.apply(group, &mut replies, &mut top_priority);
         let mut inserted_any = false;
         match outcome {
             Ok(()) => {
@@ -296,6 +320,7 @@ impl Writer {
             }
         }
         if inserted_any {
+            self.new_priority.fetch_max(top_priority, Ordering::AcqRel);
             self.new_rows.notify_one();
         }
         if purged {
@@ -312,6 +337,7 @@ impl Writer {
         &mut self,
         group: &mut Vec<WriteRequest>,
         replies: &mut Vec<Reply>,
+        top_priority: &mut i64,
     ) -> Result<(), StoreError> {
         let storage_refusal = self.storage_refusal();
         let (tx, result) = match self
@@ -328,6 +354,7 @@ impl Writer {
             storage_refusal,
             limits: self.limits,
             delivering: &mut self.delivering,
+            top_priority,
         };
         for request in group.drain(..) {
             open.apply(request, replies);
@@ -382,6 +409,8 @@ struct OpenGroup<'a> {
     storage_refusal: Option<String>,
     limits: Limits,
     delivering: &'a mut u64,
+    /// The highest priority of a row stored in this group (-1: none).
+    top_priority: &'a mut i64,
 }
 
 impl OpenGroup<'_> {
@@ -396,12 +425,16 @@ impl OpenGroup<'_> {
         let applied = match request {
             WriteRequest::Insert { message, reply } => {
                 let refusal = self.storage_refusal.clone().map(StoreError::StorageFull);
+                let priority = i64::from(message.priority);
                 let (answer, applied) = split(
                     tx.map(|tx| {
                         insert_one(tx, message, now, refusal, self.delivering, self.limits)
                     }),
                     Ok(Inserted { duplicate: false }),
                 );
+                if applied.is_ok() && matches!(answer, Ok(Inserted { duplicate: false })) {
+                    *self.top_priority = (*self.top_priority).max(priority);
+                }
                 replies.push(Reply::Insert(reply, answer));
                 applied
             }
@@ -437,6 +470,12 @@ impl OpenGroup<'_> {
                     StatusCounts::default(),
                 );
                 replies.push(Reply::Purge(reply, deleted));
+                applied
+            }
+            WriteRequest::Expire { limit, reply } => {
+                let (moved, applied) = split(tx.map(|tx| expire_batch(tx, now, limit)), 0);
+                *self.delivering = self.delivering.saturating_sub(moved);
+                replies.push(Reply::Expire(reply, moved));
                 applied
             }
             WriteRequest::Probe { reply } => {

@@ -17,7 +17,7 @@
 //! - `payload` is never parsed into a value: its JSON text goes to the row
 //!   as the client wrote it; a JSON string is decoded to its UTF-8 text.
 //! - Faults are reported in a fixed order (a repeated field, names, id,
-//!   content type, headers, unknown fields, payload, size), each as
+//!   content type, headers, priority, ttl, unknown fields, payload, size), each as
 //!   `bad_request` but an oversized body, which is `too_large`; a base64
 //!   payload too large to accept is refused before it is decoded.
 
@@ -34,7 +34,7 @@ use crate::protocol::{
     base64_engine, ErrorCode, Payload, Refusal, Request, SubmitRequest, CONTENT_TYPE_BYTES,
     CONTENT_TYPE_JSON, CONTENT_TYPE_TEXT, MAX_HEADERS_LEN, MAX_NAME_LEN,
 };
-use crate::store::NewMessage;
+use crate::store::{NewMessage, MAX_PRIORITY};
 
 /// The exchanges every RabbitMQ virtual host has under the reserved prefix
 /// `amq.` and that a client may publish to (rabbit_vhost.erl).
@@ -65,6 +65,8 @@ struct Fields<'a> {
     headers: Option<&'a RawValue>,
     payload: Option<&'a RawValue>,
     payload_base64: Option<&'a RawValue>,
+    priority: Option<&'a RawValue>,
+    ttl: Option<&'a RawValue>,
     /// The first member the protocol does not know.
     unknown: Option<String>,
     /// The first known member given more than once.
@@ -91,6 +93,8 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                         "headers" => &mut fields.headers,
                         "payload" => &mut fields.payload,
                         "payload_base64" => &mut fields.payload_base64,
+                        "priority" => &mut fields.priority,
+                        "ttl" => &mut fields.ttl,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                             fields.unknown.get_or_insert(name);
@@ -164,6 +168,8 @@ fn submit_request(fields: Fields<'_>) -> Result<SubmitRequest, Refusal> {
     }
     let content_type = short_string(fields.content_type, "content_type")?;
     let headers = fields.headers.map(valid_headers).transpose()?.flatten();
+    let priority = fields.priority.map(priority).transpose()?;
+    let ttl = fields.ttl.map(ttl).transpose()?;
     if let Some(unknown) = &fields.unknown {
         return Err(bad(format!("unknown field {unknown:?}")));
     }
@@ -187,8 +193,50 @@ fn submit_request(fields: Fields<'_>) -> Result<SubmitRequest, Refusal> {
         headers,
         id,
         payload,
+        priority,
         routing_key,
+        ttl,
     })
+}
+
+/// `priority`: an integer from 0 to [`MAX_PRIORITY`] (AMQP's range).
+fn priority(raw: &RawValue) -> Result<u8, Refusal> {
+    serde_json::from_str::<u8>(raw.get())
+        .ok()
+        .filter(|p| *p <= MAX_PRIORITY)
+        .ok_or_else(|| {
+            bad(format!(
+                "\"priority\" must be an integer from 0 to {MAX_PRIORITY}, not {}",
+                raw.get()
+            ))
+        })
+}
+
+/// The longest `ttl`: ten years, so that an expiry time always fits.
+const MAX_TTL_MS: u64 = 10 * 366 * 86_400 * 1000;
+
+/// `ttl`: milliseconds (a positive integer) or a duration string ("30s",
+/// "5m", "500ms"), from 1 ms to ten years.
+fn ttl(raw: &RawValue) -> Result<u64, Refusal> {
+    let invalid = || {
+        bad(format!(
+            "\"ttl\" must be milliseconds (a positive integer) or a duration like \"30s\", \
+             at most ten years, not {}",
+            raw.get()
+        ))
+    };
+    let ms = match serde_json::from_str::<u64>(raw.get()) {
+        Ok(ms) => ms,
+        Err(_) => {
+            let text = serde_json::from_str::<String>(raw.get()).map_err(|_| invalid())?;
+            let d = humantime::parse_duration(&text).map_err(|_| invalid())?;
+            u64::try_from(d.as_millis()).map_err(|_| invalid())?
+        }
+    };
+    if ms == 0 || ms > MAX_TTL_MS {
+        return Err(invalid());
+    }
+    Ok(ms)
 }
 
 /// Whether a stored row breaks the rules a submit is checked against (it was
@@ -322,6 +370,8 @@ pub(crate) fn new_message(request: SubmitRequest, max_body: u64) -> Result<NewMe
         content_type: request
             .content_type
             .unwrap_or_else(|| default_type.to_string()),
+        priority: request.priority.unwrap_or(0),
+        ttl_ms: request.ttl.and_then(|ms| i64::try_from(ms).ok()),
     })
 }
 
@@ -350,6 +400,47 @@ mod tests {
         let err = with(members).unwrap_err();
         assert_eq!(err.code, ErrorCode::BadRequest, "{members}: {err:?}");
         err.message
+    }
+
+    #[test]
+    fn priority_and_ttl_are_read_and_checked() {
+        let m = with(r#""payload":1"#).unwrap();
+        assert_eq!((m.priority, m.ttl_ms), (0, None), "the defaults");
+        let m = with(r#""payload":1,"priority":9,"ttl":500"#).unwrap();
+        assert_eq!((m.priority, m.ttl_ms), (9, Some(500)));
+        for (ttl, ms) in [
+            (r#""30s""#, 30_000),
+            (r#""5m""#, 300_000),
+            (r#""250ms""#, 250),
+        ] {
+            let m = with(&format!(r#""payload":1,"ttl":{ttl}"#)).unwrap();
+            assert_eq!(m.ttl_ms, Some(ms), "{ttl}");
+        }
+        for bad in ["10", "-1", "1.5", "\"5\"", "null", "1e0"] {
+            let message = refused(&format!(r#""payload":1,"priority":{bad}"#));
+            assert!(
+                message.contains("\"priority\" must be an integer from 0 to 9"),
+                "{bad}: {message}"
+            );
+        }
+        for bad in [
+            "0",
+            "-5",
+            "1.5",
+            "\"soon\"",
+            "\"\"",
+            "true",
+            "\"11000d\"",
+            "99999999999999",
+        ] {
+            let message = refused(&format!(r#""payload":1,"ttl":{bad}"#));
+            assert!(
+                message.contains("\"ttl\" must be milliseconds"),
+                "{bad}: {message}"
+            );
+        }
+        let message = refused(r#""payload":1,"priority":1,"priority":2"#);
+        assert!(message.contains("more than once"), "{message}");
     }
 
     #[test]

@@ -363,6 +363,9 @@ pub struct Received {
     /// Header values rendered as text (`"7"`, `"true"`, `"s"`).
     pub headers: BTreeMap<String, String>,
     pub timestamp: Option<u64>,
+    pub priority: Option<u8>,
+    /// The AMQP `expiration` property (milliseconds, as text).
+    pub expiration: Option<String>,
 }
 
 /// Takes every message from `queue` (acking each), in queue order.
@@ -403,6 +406,8 @@ pub async fn received(url: &str, queue: &str) -> Vec<Received> {
                 content_type: p.content_type().as_ref().map(|s| s.as_str().to_string()),
                 headers,
                 timestamp: *p.timestamp(),
+                priority: *p.priority(),
+                expiration: p.expiration().as_ref().map(|s| s.as_str().to_string()),
             }
         })
         .collect()

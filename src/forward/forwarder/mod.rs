@@ -160,7 +160,7 @@ impl Forwarder {
         metrics: Arc<Metrics>,
     ) -> (Forwarder, mpsc::Sender<PassRequest>) {
         let (tx, rx) = mpsc::channel(8);
-        let backlog = Backlog::new(store.reader().clone());
+        let backlog = Backlog::new(store.reader().clone(), config.order);
         let reconnect =
             Reconnect::new(connector).counting_failures(metrics.connect_failures.clone());
         let window = Window::new(config.max_in_flight.get());
@@ -355,7 +355,7 @@ impl Forwarder {
                 request = self.passes.recv(), if self.passes_open => self.on_pass_request(request),
                 probe = self.probes.recv(), if self.probes_open => self.on_probe(probe),
                 _ = tick.tick() => self.report_failures(),
-                _ = new_rows.notified() => self.backlog.more_rows(),
+                _ = new_rows.notified() => self.backlog.more_rows(self.store.take_new_priority()),
                 _ = gate, if throttled.is_some() => {}
                 row = self.backlog.next(&self.window.ledger), if from_backlog => match row? {
                     // A row the broker closed a channel on, or one that

@@ -1,7 +1,8 @@
 //! Publishing: how one row goes out (docs/forwarding.md, Message
 //! properties and Isolating a message the broker refuses): a suspect read
 //! back and republished, an exchange asked about before its first publish,
-//! a row refused without a publish, the `basic.publish` itself.
+//! a row refused without a publish, a row past its expiry let go unsent,
+//! the `basic.publish` itself.
 
 use std::time::Instant;
 
@@ -12,7 +13,7 @@ use crate::forward::exchanges::Known;
 use crate::forward::outcome::{properties, short_fields};
 use crate::forward::side;
 use crate::forward::window::Sent;
-use crate::store::{OutgoingRow, StoreError};
+use crate::store::{now_ms, OutgoingRow, StoreError};
 
 impl Forwarder {
     /// Publishes a suspect again (read back from the database: the ledger
@@ -70,7 +71,15 @@ impl Forwarder {
     }
 
     pub(super) async fn publish(&mut self, session: Wire<'_>, row: OutgoingRow) {
-        let properties = match properties(&row) {
+        let now = now_ms();
+        if row.expire_time.is_some_and(|expires| expires <= now) {
+            // Never published: the expiry sweep settles it as "expired"
+            // (docs/forwarding.md, Expiry). Nothing was sent, so nothing is
+            // charged; the ledger lets go of a suspect.
+            tracing::debug!(message_id = %row.id, "expired before it could be published");
+            return self.window.ledger.vanished(&row.id);
+        }
+        let properties = match properties(&row, now) {
             Ok(properties) => properties,
             Err(e) => return self.refuse(&row, format!("cannot be published: {e}")),
         };
