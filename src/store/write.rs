@@ -287,7 +287,7 @@ const RECLAIM_PAGES: u32 = 2048;
 
 #[cfg(test)]
 mod tests {
-    use rusqlite::params;
+    use rusqlite::{params, OptionalExtension};
 
     use super::{record_consumption, record_outcomes};
     use crate::config::Synchronous;
@@ -320,7 +320,9 @@ mod tests {
             error: "exit 1".into(),
             max_attempts: 1,
         };
-        let writes = ["confirm", "reject", "consume", "give-up", "retry"];
+        let writes = [
+            "confirm", "reject", "consume", "give-up", "retry", "discard",
+        ];
         let mut made = BTreeSet::new();
         for from in Status::ALL {
             for write in writes {
@@ -354,17 +356,24 @@ mod tests {
                     _ => {}
                 }
                 tx.commit().unwrap();
-                if write == "retry" {
-                    Admin::open(&path)
-                        .unwrap()
-                        .retry(std::slice::from_ref(&id))
-                        .unwrap();
+                let mut admin = Admin::open(&path).unwrap();
+                match write {
+                    "retry" => drop(admin.retry(std::slice::from_ref(&id)).unwrap()),
+                    "discard" => drop(admin.discard(std::slice::from_ref(&id)).unwrap()),
+                    _ => {}
                 }
-                let to: Status = conn
+                let to: Option<Status> = conn
                     .query_row("SELECT status FROM msg_log WHERE id = ?1", [&id], |r| {
                         r.get(0)
                     })
+                    .optional()
                     .unwrap();
+                // A deletion is no move: only `discard` deletes, and only
+                // failed rows.
+                let Some(to) = to else {
+                    assert_eq!((write, from), ("discard", Status::Failed));
+                    continue;
+                };
                 if to != from {
                     assert!(from.can_move(to), "{write} moved {from:?} to {to:?}");
                     made.insert((from.code(), to.code()));
