@@ -2,7 +2,8 @@
 //!
 //! Role: run the agent (`run`), show the configuration (`check-config`),
 //! report status (from the agent, else from the database), read rows
-//! (`list`, `show`), and the two admin writes (`retry`, `purge`).
+//! (`list`, `show`), and two admin writes (`retry`, `purge`); `discard`
+//! and `export` are `backlog.rs`.
 //!
 //! Invariants: each returns the exit code the command documents; the
 //! database commands open their own connections (safe beside a running
@@ -16,7 +17,7 @@ use super::report::{print_row, print_status, print_table, row_json};
 use super::{client, runtime, EXIT_CONFIG};
 use crate::config::{self, Config};
 use crate::status::StatusReport;
-use crate::store::{Admin, Database, Reader, Status};
+use crate::store::{Admin, Database, Order, Reader, RowFilter};
 
 /// `run`: the agent in the foreground until a signal.
 pub(super) fn run(config: Config) -> anyhow::Result<ExitCode> {
@@ -71,15 +72,15 @@ pub(super) fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `list`: rows newest first, optionally of one status.
+/// `list`: the rows `filter` selects, in `order`.
 pub(super) fn list(
     config: &Config,
-    status: Option<&str>,
+    filter: &RowFilter,
+    order: Order,
     limit: u64,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let status = status.and_then(Status::from_name);
-    let rows = Reader::open(&Database::from_config(&config.store)?)?.list(status, limit)?;
+    let rows = Reader::open(&Database::from_config(&config.store)?)?.list(filter, order, limit)?;
     if json {
         let rows: Vec<Value> = rows.iter().map(|r| row_json(r, false)).collect();
         out!("{}", serde_json::to_string_pretty(&rows)?);
@@ -124,12 +125,16 @@ pub(super) fn purge(config: &Config, dry_run: bool) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// `retry`: failed rows back to delivering; exit 1 when an id was not a
-/// failed row.
-pub(super) fn retry(config: &Config, ids: &[String], failed: bool) -> anyhow::Result<ExitCode> {
+/// `retry`: failed rows back to delivering, by id or those `selection`
+/// picks (`--failed` and filters); exit 1 when an id was not a failed row.
+pub(super) fn retry(
+    config: &Config,
+    ids: &[String],
+    selection: Option<&RowFilter>,
+) -> anyhow::Result<ExitCode> {
     let mut admin = Admin::open(&Database::from_config(&config.store)?)?;
-    if failed {
-        let n = admin.retry_failed()?;
+    if let Some(filter) = selection {
+        let n = admin.retry_failed(filter)?;
         out!("{n} failed message(s) moved back to delivering");
         return Ok(ExitCode::SUCCESS);
     }

@@ -15,12 +15,17 @@
 //! - `check.rs`: `status --check`, the verdict for monitoring;
 //! - `commands.rs`: the other commands (`run`, `status`, `list`, `show`,
 //!   `retry`, `purge`, `check-config`);
+//! - `backlog.rs`: the backlog tools' filters (`list`, `export`, `retry`,
+//!   `discard`), parsed once into a `store::RowFilter`, and `discard` and
+//!   `export`;
 //! - `report.rs`: how the status report and rows are printed.
 //!
 //! Client commands (`submit`, `status`) talk to the running agent over its
 //! socket; `status` falls back to reading the database when no agent
-//! answers. `list` and `show` read the database; `retry` writes it on a
-//! connection of its own (safe while the agent runs: WAL and a busy timeout).
+//! answers. `list`, `show` and `export` read the database; `retry` and
+//! `discard` write it on a connection of their own (safe while the agent
+//! runs: WAL and a busy timeout). None of them asks the agent: they work
+//! whether it runs or not (docs/cli.md, What each command talks to).
 //! Output is plain text for people, `--json` for scripts.
 //!
 //! Invariant: a closed stdout (`edge-outbox list | head`) is never a panic;
@@ -33,6 +38,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, ConfigError};
+use crate::store::{Order, Status};
 
 /// Like `println!`, but a closed stdout (`edge-outbox list | head`) is not
 /// a panic: the output is simply dropped.
@@ -43,6 +49,7 @@ macro_rules! out {
     }};
 }
 
+mod backlog;
 mod check;
 mod client;
 mod commands;
@@ -151,12 +158,18 @@ enum Command {
               default_value = "5m")]
         max_disconnected: std::time::Duration,
     },
-    /// List messages, newest first.
+    /// List messages, newest first (--oldest: oldest first).
     List {
         #[command(flatten)]
         config: ConfigArg,
-        #[arg(long, value_parser = ["delivering", "delivered", "failed", "consumed"])]
-        status: Option<String>,
+        /// Only messages of this status.
+        #[arg(long, value_parser = backlog::parse_status)]
+        status: Option<Status>,
+        #[command(flatten)]
+        filters: backlog::Filters,
+        /// Oldest first (default: newest first).
+        #[arg(long)]
+        oldest: bool,
         #[arg(long, default_value_t = 100)]
         limit: u64,
         #[arg(long)]
@@ -174,11 +187,46 @@ enum Command {
     Retry {
         #[command(flatten)]
         config: ConfigArg,
-        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        #[arg(
+            required_unless_present = "failed",
+            conflicts_with_all = ["failed", "exchange", "routing_key", "error", "older_than"]
+        )]
         ids: Vec<String>,
-        /// Every failed message.
+        /// Every failed message (that the filters select).
         #[arg(long)]
         failed: bool,
+        #[command(flatten)]
+        filters: backlog::Filters,
+    },
+    /// Delete failed messages; move delivering ones to failed
+    /// ("discarded by operator"). Delivered and consumed ones are refused.
+    Discard {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(
+            required_unless_present = "failed",
+            conflicts_with_all = ["failed", "exchange", "routing_key", "error", "older_than"]
+        )]
+        ids: Vec<String>,
+        /// Delete every failed message (that the filters select).
+        #[arg(long)]
+        failed: bool,
+        #[command(flatten)]
+        filters: backlog::Filters,
+    },
+    /// Print messages as NDJSON submit requests, oldest first, for
+    /// `submit --bulk` on another host (default: the delivering ones).
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only messages of this status (default: delivering).
+        #[arg(long, value_parser = backlog::parse_status, default_value = "delivering")]
+        status: Status,
+        #[command(flatten)]
+        filters: backlog::Filters,
+        /// At most N messages (default: all).
+        #[arg(long)]
+        limit: Option<u64>,
     },
     /// Delete old delivered/consumed rows (purge.retention) and old failed
     /// rows (purge.failed_retention); never undelivered ones.
@@ -206,6 +254,8 @@ pub fn main() -> ExitCode {
         | Command::List { config, .. }
         | Command::Show { config, .. }
         | Command::Retry { config, .. }
+        | Command::Discard { config, .. }
+        | Command::Export { config, .. }
         | Command::Purge { config, .. }
         | Command::CheckConfig { config } => config.file.clone(),
     };
@@ -297,12 +347,44 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Status { json, .. } => commands::status(&config, json),
         Command::List {
             status,
+            filters,
+            oldest,
             limit,
             json,
             ..
-        } => commands::list(&config, status.as_deref(), limit, json),
+        } => {
+            let order = if oldest {
+                Order::OldestFirst
+            } else {
+                Order::NewestFirst
+            };
+            commands::list(&config, &filters.select(status), order, limit, json)
+        }
         Command::Show { id, json, .. } => commands::show(&config, &id, json),
         Command::Purge { dry_run, .. } => commands::purge(&config, dry_run),
-        Command::Retry { ids, failed, .. } => commands::retry(&config, &ids, failed),
+        Command::Retry {
+            ids,
+            failed,
+            filters,
+            ..
+        } => {
+            let selection = failed.then(|| filters.select(Some(Status::Failed)));
+            commands::retry(&config, &ids, selection.as_ref())
+        }
+        Command::Discard {
+            ids,
+            failed,
+            filters,
+            ..
+        } => {
+            let selection = failed.then(|| filters.select(Some(Status::Failed)));
+            backlog::discard(&config, &ids, selection.as_ref())
+        }
+        Command::Export {
+            status,
+            filters,
+            limit,
+            ..
+        } => backlog::export(&config, &filters.select(Some(status)), limit),
     }
 }

@@ -13,7 +13,9 @@
 //! - `write.rs`: the write SQL (insert, publish outcomes, consumer results,
 //!   expiry batch, purge batch, page reclaim);
 //! - `reader.rs`: the pooled read-only connections and their queries;
-//! - `admin.rs`: the CLI's direct changes (`retry`, `purge`);
+//! - `admin.rs`: the CLI's direct changes (`retry`, `discard`, `purge`);
+//! - `filter.rs`: the operator's row filters as SQL (`list`, `export`,
+//!   `retry`, `discard`);
 //! - `types.rs`, `error.rs`: what goes in and out, and what can fail.
 //!
 //! # Statuses and transitions
@@ -28,7 +30,8 @@
 //! A row is born delivering (a submit) or delivered (a delivery this agent
 //! did not publish: it is in the broker). It then moves only as
 //! docs/storage.md, Statuses and transitions, allows: forward, except by an
-//! operator's `retry` (failed → delivering). A late confirm never moves a
+//! operator's `retry` (failed → delivering). An operator's `discard` moves
+//! a delivering row forward to failed, or deletes a failed row. A late confirm never moves a
 //! row the consumer already settled.
 //!
 //! The allowed moves are one table, `TRANSITIONS` in `types.rs`. Each
@@ -91,6 +94,7 @@
 
 mod admin;
 mod error;
+mod filter;
 mod key;
 mod open;
 mod reader;
@@ -109,8 +113,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::StoreConfig;
 
-pub(crate) use admin::Admin;
+pub(crate) use admin::{Admin, Discarded};
 pub use error::StoreError;
+pub(crate) use filter::{Order, RowFilter};
 pub use key::Database;
 pub use open::{apply_schema, SCHEMA_VERSION};
 pub use reader::Reader;

@@ -23,6 +23,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{named_params, params, Connection, OpenFlags, OptionalExtension};
 
 use super::error::open_error;
+use super::filter::{Order, RowFilter};
 use super::open::BUSY_TIMEOUT;
 use super::types::{Backlog, Cursor, EXPIRED, MAX_PRIORITY};
 use super::{Database, OutgoingRow, PurgeCutoffs, Row, Status, StatusCounts, StoreError};
@@ -217,27 +218,49 @@ impl Reader {
             .sum()
     }
 
-    /// Up to `limit` rows, newest first, optionally of one status.
-    pub(crate) fn list(&self, status: Option<Status>, limit: u64) -> Result<Vec<Row>, StoreError> {
-        let conn = self.conn()?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = match status {
-            Some(s) => {
-                let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT {ROW_COLUMNS} FROM msg_log WHERE status = ?1 ORDER BY rowid DESC LIMIT ?2"
-                ))?;
-                let rows = stmt.query_map(params![s, limit], row_from)?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            }
-            None => {
-                let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT {ROW_COLUMNS} FROM msg_log ORDER BY rowid DESC LIMIT ?1"
-                ))?;
-                let rows = stmt.query_map(params![limit], row_from)?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            }
-        };
+    /// Up to `limit` rows that `filter` selects, in `order`.
+    pub(crate) fn list(
+        &self,
+        filter: &RowFilter,
+        order: Order,
+        limit: u64,
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut rows = Vec::new();
+        self.visit(filter, order, Some(limit), |row| {
+            rows.push(row);
+            Ok::<(), StoreError>(())
+        })?;
         Ok(rows)
+    }
+
+    /// Hands each row that `filter` selects to `each`, in `order`, at most
+    /// `limit` of them; returns how many. Rows are read one at a time (an
+    /// export of a million rows holds one in memory), all from one
+    /// snapshot: the statement's read transaction.
+    pub(crate) fn visit<E: From<StoreError>>(
+        &self,
+        filter: &RowFilter,
+        order: Order,
+        limit: Option<u64>,
+        mut each: impl FnMut(Row) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        let conn = self.conn()?;
+        let clause = filter.clause(true);
+        let limit = limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        let sql = format!(
+            "SELECT {ROW_COLUMNS} FROM msg_log WHERE {} {} LIMIT :limit",
+            clause.condition,
+            order.sql()
+        );
+        let mut stmt = conn.prepare(&sql).map_err(StoreError::from)?;
+        let params = clause.params(&[(":limit", &limit)]);
+        let mut rows = stmt.query(params.as_slice()).map_err(StoreError::from)?;
+        let mut n = 0;
+        while let Some(r) = rows.next().map_err(StoreError::from)? {
+            each(row_from(r).map_err(StoreError::from)?)?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Up to `limit` delivering rows due at `now` after `cursor`, in the
@@ -398,7 +421,11 @@ mod tests {
         for status in Status::ALL {
             assert_eq!(reader.status_of(status.name()).unwrap(), Some(status));
             assert_eq!(reader.get(status.name()).unwrap().unwrap().status, status);
-            let listed = reader.list(Some(status), 10).unwrap();
+            let filter = RowFilter {
+                status: Some(status),
+                ..RowFilter::default()
+            };
+            let listed = reader.list(&filter, Order::NewestFirst, 10).unwrap();
             assert_eq!(listed.len(), 1);
             assert_eq!(listed[0].id, status.name());
         }
@@ -424,7 +451,10 @@ mod tests {
         for err in [
             reader.get(id).map(|_| ()).unwrap_err(),
             reader.status_of(id).map(|_| ()).unwrap_err(),
-            reader.list(None, 10).map(|_| ()).unwrap_err(),
+            reader
+                .list(&RowFilter::default(), Order::NewestFirst, 10)
+                .map(|_| ())
+                .unwrap_err(),
             reader.counts().map(|_| ()).unwrap_err(),
         ] {
             assert!(

@@ -63,7 +63,7 @@ pub(crate) const TRANSITIONS: [Transition; 6] = [
     Transition {
         from: Status::Delivering,
         to: Status::Failed,
-        why: "publish.max_attempts attempts failed, it expired, or the consumer gave up",
+        why: "publish.max_attempts attempts failed, it expired, the consumer gave up, or an operator's discard",
     },
     Transition {
         from: Status::Delivered,
