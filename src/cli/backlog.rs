@@ -31,7 +31,7 @@ use serde_json::value::RawValue;
 
 use crate::config::Config;
 use crate::protocol::{Payload, Request, SubmitRequest};
-use crate::store::{now_ms, Admin, Database, Discarded, Order, Reader, Row, RowFilter, Status};
+use crate::store::{now_ms, Admin, Database, Discarded, ListOrder, Reader, Row, RowFilter, Status};
 
 /// The filters every backlog command takes (docs/cli.md, Filters).
 #[derive(Debug, Clone, clap::Args)]
@@ -131,16 +131,19 @@ pub(super) fn export(
     let reader = Reader::open(&Database::from_config(&config.store)?)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut skipped = 0u64;
-    let visited = reader.visit(filter, Order::OldestFirst, limit, |row| {
-        match submit_line(&row) {
+    let visited = reader.visit(
+        filter,
+        ListOrder::OldestFirst,
+        limit,
+        |row| match submit_line(&row) {
             Ok(line) => out.write_all(&line).map_err(Stop::Write),
             Err(e) => {
                 skipped += 1;
                 eprintln!("edge-outbox: {}: not exported: {e:#}", row.id);
                 Ok(())
             }
-        }
-    });
+        },
+    );
     let written = match visited.and_then(|n| out.flush().map(|()| n).map_err(Stop::Write)) {
         Ok(n) => n - skipped,
         Err(Stop::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
@@ -192,7 +195,14 @@ fn submit_line(row: &Row) -> anyhow::Result<Vec<u8>> {
         headers,
         id: Some(row.id.clone()),
         payload,
+        priority: (row.priority > 0).then_some(row.priority),
         routing_key: row.routing_key.clone(),
+        // The time it has left, from now: the importing host applies it anew.
+        ttl: row.expire_time.map(|at| {
+            u64::try_from(at.saturating_sub(now_ms()))
+                .unwrap_or(0)
+                .max(1)
+        }),
     });
     Ok(request.to_line()?)
 }

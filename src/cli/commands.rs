@@ -17,7 +17,7 @@ use super::report::{print_row, print_status, print_table, row_json};
 use super::{client, runtime, EXIT_CONFIG};
 use crate::config::{self, Config};
 use crate::status::StatusReport;
-use crate::store::{Admin, Database, Order, Reader, RowFilter};
+use crate::store::{Admin, Database, ListOrder, Reader, RowFilter};
 
 /// `run`: the agent in the foreground until a signal.
 pub(super) fn run(config: Config) -> anyhow::Result<ExitCode> {
@@ -76,7 +76,7 @@ pub(super) fn status(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
 pub(super) fn list(
     config: &Config,
     filter: &RowFilter,
-    order: Order,
+    order: ListOrder,
     limit: u64,
     json: bool,
 ) -> anyhow::Result<ExitCode> {

@@ -38,7 +38,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, ConfigError};
-use crate::store::{Order, Status};
+use crate::store::{ListOrder, Status};
 
 /// Like `println!`, but a closed stdout (`edge-outbox list | head`) is not
 /// a panic: the output is simply dropped.
@@ -354,9 +354,9 @@ fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             ..
         } => {
             let order = if oldest {
-                Order::OldestFirst
+                ListOrder::OldestFirst
             } else {
-                Order::NewestFirst
+                ListOrder::NewestFirst
             };
             commands::list(&config, &filters.select(status), order, limit, json)
         }

@@ -1,7 +1,7 @@
 //! Filters: which rows an operator's `list`, `export`, `retry --failed` and
 //! `discard --failed` act on (docs/cli.md, Filters).
 //!
-//! Owns [`RowFilter`] (the typed filters, parsed once by the CLI), [`Order`]
+//! Owns [`RowFilter`] (the typed filters, parsed once by the CLI), [`ListOrder`]
 //! and the one place that turns a filter into SQL: [`RowFilter::clause`],
 //! a `WHERE` condition of fixed fragments, one per filter given, whose
 //! values are bound parameters. Nothing a user typed is ever part of the
@@ -37,7 +37,7 @@ pub(crate) struct RowFilter {
 
 /// Insertion (`rowid`) order, which is also age order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) enum Order {
+pub(crate) enum ListOrder {
     /// Newest first: what `list` shows by default.
     #[default]
     NewestFirst,
@@ -46,11 +46,11 @@ pub(crate) enum Order {
     OldestFirst,
 }
 
-impl Order {
+impl ListOrder {
     pub(crate) fn sql(self) -> &'static str {
         match self {
-            Order::NewestFirst => "ORDER BY rowid DESC",
-            Order::OldestFirst => "ORDER BY rowid",
+            ListOrder::NewestFirst => "ORDER BY rowid DESC",
+            ListOrder::OldestFirst => "ORDER BY rowid",
         }
     }
 }
@@ -121,7 +121,7 @@ mod tests {
     use super::*;
     use crate::config::Synchronous;
     use crate::store::open::open_writer_connection;
-    use crate::store::{Admin, Reader};
+    use crate::store::{Admin, Database, Reader};
 
     /// (id, status, exchange, routing key, last error, create time).
     type Fixture = (
@@ -159,7 +159,7 @@ mod tests {
 
     fn fixture(dir: &Path) -> Reader {
         let path = dir.join("t.db");
-        let conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        let conn = open_writer_connection(&Database::plain(&path), Synchronous::Full).unwrap();
         for (id, status, exchange, key, error, time) in ROWS {
             conn.execute(
                 "INSERT INTO msg_log (id, msg, status, exchange, routing_key, last_error, \
@@ -168,10 +168,10 @@ mod tests {
             )
             .unwrap();
         }
-        Reader::open(&path).unwrap()
+        Reader::open(&Database::plain(&path)).unwrap()
     }
 
-    fn ids(reader: &Reader, filter: &RowFilter, order: Order) -> Vec<String> {
+    fn ids(reader: &Reader, filter: &RowFilter, order: ListOrder) -> Vec<String> {
         let rows = reader.list(filter, order, 100).unwrap();
         rows.into_iter().map(|r| r.id).collect()
     }
@@ -268,19 +268,22 @@ mod tests {
             ),
         ];
         for (filter, want) in cases {
-            let newest: String = ids(&reader, &filter, Order::NewestFirst).concat();
+            let newest: String = ids(&reader, &filter, ListOrder::NewestFirst).concat();
             assert_eq!(newest, want, "{filter:?}");
-            let oldest: String = ids(&reader, &filter, Order::OldestFirst).concat();
+            let oldest: String = ids(&reader, &filter, ListOrder::OldestFirst).concat();
             assert_eq!(oldest, want.chars().rev().collect::<String>(), "{filter:?}");
         }
-        assert_eq!(reader.list(&all, Order::OldestFirst, 2).unwrap().len(), 2);
+        assert_eq!(
+            reader.list(&all, ListOrder::OldestFirst, 2).unwrap().len(),
+            2
+        );
     }
 
     #[test]
     fn filtered_retry_and_discard_touch_only_failed_rows_they_select() {
         let dir = tempfile::tempdir().unwrap();
         let reader = fixture(dir.path());
-        let mut admin = Admin::open(&dir.path().join("t.db")).unwrap();
+        let mut admin = Admin::open(&Database::plain(dir.path().join("t.db"))).unwrap();
         // `status` in the filter is ignored: only failed rows move.
         let ex = RowFilter {
             status: Some(Status::Delivering),
@@ -297,7 +300,7 @@ mod tests {
             ..RowFilter::default()
         };
         assert_eq!(admin.discard_failed(&old).unwrap(), 2, "b and d");
-        let left: String = ids(&reader, &RowFilter::default(), Order::OldestFirst).concat();
+        let left: String = ids(&reader, &RowFilter::default(), ListOrder::OldestFirst).concat();
         assert_eq!(left, "acef");
         assert_eq!(admin.discard_failed(&RowFilter::default()).unwrap(), 0);
     }
@@ -306,7 +309,7 @@ mod tests {
     fn batches_cover_every_selected_row() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let mut conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        let mut conn = open_writer_connection(&Database::plain(&path), Synchronous::Full).unwrap();
         let tx = conn.transaction().unwrap();
         for i in 0..2500 {
             let ex = if i % 5 == 0 { "skip" } else { "ex" };
@@ -318,14 +321,14 @@ mod tests {
             .unwrap();
         }
         tx.commit().unwrap();
-        let mut admin = Admin::open(&path).unwrap();
+        let mut admin = Admin::open(&Database::plain(&path)).unwrap();
         let ex = RowFilter {
             exchange: Some("ex".into()),
             ..RowFilter::default()
         };
         assert_eq!(admin.retry_failed(&ex).unwrap(), 2000);
         assert_eq!(admin.discard_failed(&RowFilter::default()).unwrap(), 500);
-        let reader = Reader::open(&path).unwrap();
+        let reader = Reader::open(&Database::plain(&path)).unwrap();
         assert_eq!(reader.counts().unwrap().delivering, 2000);
         assert_eq!(reader.counts().unwrap().total(), 2000);
     }
@@ -334,7 +337,7 @@ mod tests {
     fn discard_by_id_deletes_failed_fails_delivering_and_refuses_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let reader = fixture(dir.path());
-        let mut admin = Admin::open(&dir.path().join("t.db")).unwrap();
+        let mut admin = Admin::open(&Database::plain(dir.path().join("t.db"))).unwrap();
         let given: Vec<String> = ["a", "c", "e", "zz"].map(String::from).to_vec();
         let done = admin.discard(&given).unwrap();
         assert_eq!(done.deleted, ["a"]);

@@ -115,7 +115,7 @@ use crate::config::StoreConfig;
 
 pub(crate) use admin::{Admin, Discarded};
 pub use error::StoreError;
-pub(crate) use filter::{Order, RowFilter};
+pub(crate) use filter::{ListOrder, RowFilter};
 pub use key::Database;
 pub use open::{apply_schema, SCHEMA_VERSION};
 pub use reader::Reader;

@@ -251,7 +251,7 @@ mod tests {
         ))
         .unwrap();
         drop(conn);
-        let conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        let conn = open_writer_connection(&Database::plain(&path), Synchronous::Full).unwrap();
         let (msg, created, priority, expires): (String, i64, i64, Option<i64>) = conn
             .query_row(
                 "SELECT msg, create_time, priority, expire_time FROM msg_log WHERE id = 'old'",

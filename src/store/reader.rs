@@ -23,7 +23,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{named_params, params, Connection, OpenFlags, OptionalExtension};
 
 use super::error::open_error;
-use super::filter::{Order, RowFilter};
+use super::filter::{ListOrder, RowFilter};
 use super::open::BUSY_TIMEOUT;
 use super::types::{Backlog, Cursor, EXPIRED, MAX_PRIORITY};
 use super::{Database, OutgoingRow, PurgeCutoffs, Row, Status, StatusCounts, StoreError};
@@ -222,7 +222,7 @@ impl Reader {
     pub(crate) fn list(
         &self,
         filter: &RowFilter,
-        order: Order,
+        order: ListOrder,
         limit: u64,
     ) -> Result<Vec<Row>, StoreError> {
         let mut rows = Vec::new();
@@ -240,7 +240,7 @@ impl Reader {
     pub(crate) fn visit<E: From<StoreError>>(
         &self,
         filter: &RowFilter,
-        order: Order,
+        order: ListOrder,
         limit: Option<u64>,
         mut each: impl FnMut(Row) -> Result<(), E>,
     ) -> Result<u64, E> {
@@ -425,7 +425,7 @@ mod tests {
                 status: Some(status),
                 ..RowFilter::default()
             };
-            let listed = reader.list(&filter, Order::NewestFirst, 10).unwrap();
+            let listed = reader.list(&filter, ListOrder::NewestFirst, 10).unwrap();
             assert_eq!(listed.len(), 1);
             assert_eq!(listed[0].id, status.name());
         }
@@ -452,7 +452,7 @@ mod tests {
             reader.get(id).map(|_| ()).unwrap_err(),
             reader.status_of(id).map(|_| ()).unwrap_err(),
             reader
-                .list(&RowFilter::default(), Order::NewestFirst, 10)
+                .list(&RowFilter::default(), ListOrder::NewestFirst, 10)
                 .map(|_| ())
                 .unwrap_err(),
             reader.counts().map(|_| ()).unwrap_err(),
@@ -542,7 +542,7 @@ mod tests {
     fn pages_follow_priority_then_order_and_resume_at_the_cursor() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
-        let conn = open_writer_connection(&path, Synchronous::Full).unwrap();
+        let conn = open_writer_connection(&Database::plain(&path), Synchronous::Full).unwrap();
         // (id, priority, expire_time, next_try_time), in insertion order.
         let rows: [(&str, i64, Option<i64>, Option<i64>); 7] = [
             ("a0", 0, None, None),
@@ -561,7 +561,7 @@ mod tests {
             )
             .unwrap();
         }
-        let reader = Reader::open(&path).unwrap();
+        let reader = Reader::open(&Database::plain(&path)).unwrap();
         let ids = |page: &[OutgoingRow]| page.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
         let now = 1_000;
         let all = reader

@@ -9,8 +9,8 @@ use rusqlite::params;
 
 use crate::config::StoreConfig;
 use crate::store::{
-    now_ms, ConsumeVerdict, Consumption, Delivered, Inserted, NewMessage, Order, PublishOutcome,
-    PurgeCutoffs, RetryPolicy, RowFilter, Status, Store, StoreError,
+    now_ms, ConsumeVerdict, Consumption, Delivered, Inserted, ListOrder, NewMessage,
+    PublishOutcome, PurgeCutoffs, RetryPolicy, RowFilter, Status, Store, StoreError,
 };
 
 fn config(dir: &Path) -> StoreConfig {
@@ -197,7 +197,7 @@ async fn purge_deletes_old_settled_rows_in_batches_never_delivering() {
     assert_eq!(store.purge_batch(cutoffs, 3).await.unwrap().total(), 0);
     let mut left: Vec<String> = store
         .reader()
-        .list(&RowFilter::default(), Order::NewestFirst, 100)
+        .list(&RowFilter::default(), ListOrder::NewestFirst, 100)
         .unwrap()
         .into_iter()
         .map(|r| r.id)
