@@ -72,6 +72,9 @@ pub(crate) struct Metrics {
     free_disk: Gauge,
     in_flight: Gauge,
     broker_connected: Gauge,
+    /// Settled rows the store purged to make room under `store.max_db_size`
+    /// (the store counts them: `Store::open_counting`).
+    pub rows_purged_for_room: Counter,
 }
 
 impl Default for Metrics {
@@ -112,6 +115,7 @@ impl Metrics {
             free_disk: Gauge::default(),
             in_flight: Gauge::default(),
             broker_connected: Gauge::default(),
+            rows_purged_for_room: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -221,6 +225,11 @@ impl Metrics {
             "broker_connected",
             "1 when the forwarder is connected",
             m.broker_connected.clone(),
+        );
+        r.register(
+            "rows_purged_for_room",
+            "Settled rows purged to make room under store.max_db_size",
+            m.rows_purged_for_room.clone(),
         );
         Metrics { registry, ..m }
     }

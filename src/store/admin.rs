@@ -15,13 +15,14 @@
 //!   (`store/write.rs`), so both delete exactly the same rows.
 
 use std::path::Path;
+use std::time::Duration;
 
 use rusqlite::{named_params, Connection, OpenFlags, TransactionBehavior};
 
 use super::error::open_error;
 use super::open::BUSY_TIMEOUT;
 use super::types::Move;
-use super::write::{purge_batch, reclaim};
+use super::write::{purge_batch, reclaim_slice};
 use super::{now_ms, PurgeCutoffs, Status, StatusCounts, StoreError};
 
 /// An operator's `retry`: failed rows go back to delivering.
@@ -90,14 +91,16 @@ impl Admin {
         Ok(deleted)
     }
 
-    /// Hands one step of freed pages back to the filesystem, and
-    /// checkpoints the WAL this connection wrote, so that the agent's next
-    /// commit does not pay for it.
-    pub(crate) fn reclaim(&mut self) -> Result<(), StoreError> {
-        reclaim(&self.conn)?;
+    /// Hands one slice of freed pages (at most `budget` of work) back to
+    /// the filesystem, and checkpoints the WAL this connection wrote, so that
+    /// the agent's next commit does not pay for it. Returns whether the
+    /// freelist is done; the caller pauses between slices, so a running
+    /// agent's writer takes the lock in between.
+    pub(crate) fn reclaim_slice(&mut self, budget: Duration) -> Result<bool, StoreError> {
+        let slice = reclaim_slice(&self.conn, budget)?;
         self.conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
-        Ok(())
+        Ok(slice.done)
     }
 
     /// Moves every failed row back to delivering. Returns how many.
