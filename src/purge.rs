@@ -29,7 +29,7 @@ use crate::store::{now_ms, Admin, PurgeCutoffs, Reader, StatusCounts, Store, Sto
 const BATCH_PAUSE: Duration = Duration::from_millis(5);
 /// The work one reclaim slice of the CLI does at most, as the agent's
 /// writer (docs/purge.md, How).
-const RECLAIM_BUDGET: Duration = Duration::from_millis(8);
+const RECLAIM_BUDGET: Duration = Duration::from_millis(5);
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PurgeError {

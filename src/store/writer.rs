@@ -10,7 +10,8 @@
 //! commits (one sync for the whole group), and only then answers each one.
 //!
 //! Between groups, the writer hands freed pages back to the filesystem in
-//! bounded slices (`PRAGMA incremental_vacuum`, [`RECLAIM_BUDGET`] each),
+//! bounded slices (`PRAGMA incremental_vacuum`, [`RECLAIM_BUDGET`] each,
+//! committed without a sync and checkpointed at once),
 //! one slice after each group, until the freelist is empty: after a purge,
 //! and at start when the file holds free pages (decisions/0023).
 //!
@@ -51,7 +52,7 @@ const MAX_GROUP: usize = 4096;
 const DELIVERING_RECOUNT_EVERY: Duration = Duration::from_secs(5);
 /// Longest one reclaim slice holds the write lock: a submit that arrives
 /// during a reclaim waits for this at most, plus its own group.
-pub(crate) const RECLAIM_BUDGET: Duration = Duration::from_millis(8);
+pub(crate) const RECLAIM_BUDGET: Duration = Duration::from_millis(5);
 /// At most one log line per this period about rows purged to make room.
 const ROOM_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -152,6 +153,8 @@ struct Writer {
     /// `store.max_pending` check must not count the table on every submit.
     delivering: u64,
     counted_at: Instant,
+    /// `PRAGMA synchronous` as configured, restored after each reclaim slice.
+    synchronous: i64,
     /// Free pages wait to be handed back to the filesystem.
     reclaim_due: bool,
     /// The reclaim under way: pages handed back and when it began.
@@ -242,6 +245,7 @@ impl Writer {
         // Free pages left by an interrupted reclaim (or an older agent's
         // one-page reclaim) go back at start.
         let free_pages: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let synchronous: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
         let mut writer = Writer {
             conn,
             path,
@@ -251,6 +255,7 @@ impl Writer {
             page_size: page_size.max(512) as u64,
             delivering: 0,
             counted_at: Instant::now(),
+            synchronous,
             reclaim_due: free_pages > 0,
             reclaimed: 0,
             reclaim_started: None,
@@ -280,8 +285,8 @@ impl Writer {
         loop {
             // One reclaim slice between groups, then the group waiting, if
             // any: neither waits for more than one of the other.
-            if self.reclaim_due {
-                self.reclaim_step();
+            if self.reclaim_due && !self.reclaim_step() {
+                return;
             }
             let first = if self.reclaim_due {
                 match self.requests.try_recv() {
@@ -363,14 +368,36 @@ impl Writer {
 
     /// One reclaim slice; at the end of the freelist, one log line and a
     /// passive checkpoint (in WAL mode the file shrinks when the checkpoint
-    /// copies the commit that shortened it).
-    fn reclaim_step(&mut self) {
+    /// copies the commit that shortened it). Returns false when the writer
+    /// must stop: its connection could not be made as durable as
+    /// configured again (requests then get [`StoreError::Closed`]).
+    fn reclaim_step(&mut self) -> bool {
         let started = *self.reclaim_started.get_or_insert_with(Instant::now);
-        match reclaim_slice(&self.conn, RECLAIM_BUDGET) {
+        // A slice's commit carries no acknowledged data: it need not wait
+        // for a sync (losing it to a power cut loses nothing), and the next
+        // group's commit syncs the WAL it wrote.
+        let relaxed = self.conn.execute_batch("PRAGMA synchronous = NORMAL");
+        let sliced = reclaim_slice(&self.conn, RECLAIM_BUDGET);
+        // Copy the slice's frames to the file now, a slice's worth at a time:
+        // left to the automatic checkpoint they would be copied 1000 pages
+        // at once, inside whichever commit crosses the mark, a submit's too.
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if relaxed.is_ok() {
+            let restore = format!("PRAGMA synchronous = {}", self.synchronous);
+            if let Err(e) = self.conn.execute_batch(&restore) {
+                // Never commit a submit less durably than configured: a
+                // writer that cannot restore it stops writing.
+                tracing::error!(error = %e, "cannot restore PRAGMA synchronous after a reclaim slice; the writer stops");
+                return false;
+            }
+        }
+        match sliced {
             Ok(slice) => {
                 self.reclaimed += slice.pages;
                 if !slice.done {
-                    return;
+                    return true;
                 }
                 if self.reclaimed > 0 {
                     let _ = self
@@ -391,6 +418,7 @@ impl Writer {
         self.reclaim_due = false;
         self.reclaimed = 0;
         self.reclaim_started = None;
+        true
     }
 
     /// Counts the rows a committed group purged to make room, and logs them
