@@ -119,9 +119,11 @@ async fn start(config: &Config) -> Result<Started, AppError> {
         Some(queue) => Some((queue.clone(), Connector::new(&config.broker, "consumer")?)),
         None => None,
     };
+    let metrics = Arc::new(Metrics::new());
     let store = {
         let store_config = config.store.clone();
-        tokio::task::spawn_blocking(move || Store::open(&store_config))
+        let room_purged = metrics.rows_purged_for_room.clone();
+        tokio::task::spawn_blocking(move || Store::open_counting(&store_config, room_purged))
             .await
             .map_err(|e| AppError::Task {
                 task: "store-open",
@@ -130,7 +132,6 @@ async fn start(config: &Config) -> Result<Started, AppError> {
             .with_max_age(config.publish.max_age)
     };
     let broker = BrokerState::default();
-    let metrics = Arc::new(Metrics::new());
     let listeners = async {
         let socket = SubmitSocket::bind(&config.submit)?;
         let metrics_server = match config.metrics.listen {

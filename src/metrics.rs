@@ -143,6 +143,9 @@ pub(crate) struct Metrics {
     pub expired: Counter,
     backlog: Family<PriorityLabel, Gauge>,
     expired_rows: Gauge,
+    /// Settled rows the store purged to make room under `store.max_db_size`
+    /// (the store counts them: `Store::open_counting`).
+    pub rows_purged_for_room: Counter,
 }
 
 impl Default for Metrics {
@@ -194,6 +197,7 @@ impl Metrics {
             expired: Counter::default(),
             backlog: Family::default(),
             expired_rows: Gauge::default(),
+            rows_purged_for_room: Counter::default(),
             registry: Registry::default(),
         };
         // Label values at 0 from the start: a refusal reason that has never
@@ -357,6 +361,11 @@ impl Metrics {
             "expired_rows",
             "Rows in msg_log that expired before they were published",
             m.expired_rows.clone(),
+        );
+        r.register(
+            "rows_purged_for_room",
+            "Settled rows purged to make room under store.max_db_size",
+            m.rows_purged_for_room.clone(),
         );
         Metrics { registry, ..m }
     }

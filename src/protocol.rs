@@ -10,7 +10,8 @@
 //!   JSON value; a string is sent as its text, anything else as the JSON
 //!   text exactly as the client wrote it) or `payload_base64` (raw bytes).
 //! - The answer to a stored submit is `{"ok":true,"id":…}`, plus
-//!   `"duplicate":true` when the id was already stored; the answer to a status
+//!   `"duplicate":true` when the id was already stored, `"made_room":N` when
+//!   settled rows were purged to make room for it; the answer to a status
 //!   request is `"ok":true` with the fields of the status report.
 //! - A refusal is `{"ok":false,"error":<code>,"message":<text>}` and stores
 //!   nothing; the codes are [`ErrorCode`] (docs/protocol.md, "Error codes").
@@ -227,6 +228,14 @@ pub(crate) struct Accepted {
     /// The id was already stored; this submit stored nothing new.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) duplicate: bool,
+    /// Settled rows purged, in the commit that stored this message, to make
+    /// room under `store.max_db_size` (docs/protocol.md, Answers).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) made_room: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One answer line: `"ok":true` with `T`'s fields, or a refusal.
@@ -249,6 +258,8 @@ struct Wire<'a> {
     id: Option<&'a str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     duplicate: bool,
+    #[serde(skip_serializing_if = "is_zero")]
+    made_room: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<ErrorCode>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -262,6 +273,7 @@ impl Refusal {
             ok: false,
             id: None,
             duplicate: false,
+            made_room: 0,
             error: Some(self.code),
             message: Some(&self.message),
         })
@@ -276,6 +288,7 @@ impl SubmitAnswer {
                 ok: true,
                 id: Some(&accepted.id),
                 duplicate: accepted.duplicate,
+                made_room: accepted.made_room,
                 error: None,
                 message: None,
             }),
@@ -341,6 +354,7 @@ mod tests {
             Answer::Ok(Accepted {
                 id: "m-1".into(),
                 duplicate,
+                made_room: 0,
             })
         };
         assert_eq!(
@@ -350,6 +364,15 @@ mod tests {
         assert_eq!(
             text(accepted(true).to_line()),
             "{\"ok\":true,\"id\":\"m-1\",\"duplicate\":true}\n"
+        );
+        let made_room = Answer::Ok(Accepted {
+            id: "m-2".into(),
+            duplicate: false,
+            made_room: 128,
+        });
+        assert_eq!(
+            text(made_room.to_line()),
+            "{\"ok\":true,\"id\":\"m-2\",\"made_room\":128}\n"
         );
         let refused = SubmitAnswer::Refused(Refusal::new(ErrorCode::TooLarge, "big"));
         assert_eq!(
@@ -388,6 +411,12 @@ mod tests {
             Answer::Ok(Accepted {
                 id: "a".into(),
                 duplicate: true,
+                made_room: 0,
+            }),
+            Answer::Ok(Accepted {
+                id: "b".into(),
+                duplicate: false,
+                made_room: 7,
             }),
             Answer::Refused(Refusal::new(ErrorCode::Unauthorized, "who?")),
         ] {

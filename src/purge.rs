@@ -5,7 +5,9 @@
 //! purge`), delete rows created more than `purge.retention` ago whose status
 //! is 1 (delivered) or 3 (consumed), and status-2 (failed) rows created more
 //! than `purge.failed_retention` ago; then hand the freed pages back to the
-//! filesystem (incremental vacuum).
+//! filesystem (incremental vacuum, run to the end of the freelist in bounded
+//! slices: the agent's writer between its groups, the CLI between batches).
+//! Making room under `store.max_db_size` is the store's (`store/room.rs`).
 //!
 //! Invariants:
 //! - Status 0 is never deleted: the purge's SQL cannot select it.
@@ -22,8 +24,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{PurgeConfig, TimeOfDay};
 use crate::store::{now_ms, Admin, PurgeCutoffs, Reader, StatusCounts, Store, StoreError};
 
-/// The CLI's pause between batches (it shares the database with the agent).
+/// The CLI's pause between batches and between reclaim slices (it shares
+/// the database with the agent).
 const BATCH_PAUSE: Duration = Duration::from_millis(5);
+/// The work one reclaim slice of the CLI does at most, as the agent's
+/// writer (docs/purge.md, How).
+const RECLAIM_BUDGET: Duration = Duration::from_millis(5);
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PurgeError {
@@ -140,7 +146,10 @@ pub(crate) fn purge_database(
     let mut report = PurgeReport::default();
     loop {
         let deleted = admin.purge_batch(cutoffs, config.batch_size.get())?;
-        admin.reclaim()?;
+        // The whole freelist back, a slice at a time.
+        while !admin.reclaim_slice(RECLAIM_BUDGET)? {
+            std::thread::sleep(BATCH_PAUSE);
+        }
         report.deleted = report.deleted.plus(deleted);
         report.batches += 1;
         if deleted.total() < u64::from(config.batch_size.get()) {

@@ -113,7 +113,9 @@ pub(crate) struct StoreConfig {
     /// `buffer_full` (nothing is ever evicted to make room).
     #[serde(deserialize_with = "at_least_one::deserialize")]
     pub max_pending: NonZeroU64,
-    /// Database size past which a submit is refused with `storage_full`.
+    /// Live data (pages in use) at which settled rows are purged to make
+    /// room, and past which, with none left, a submit is refused with
+    /// `storage_full`.
     pub max_db_size: ByteSize,
     /// Free space on the database's filesystem below which a submit is refused.
     pub min_free_disk: ByteSize,
@@ -121,6 +123,10 @@ pub(crate) struct StoreConfig {
     /// (SQLCipher; systemd credentials); `""`: not encrypted.
     #[serde(with = "empty_is_none")]
     pub key_file: Option<PathBuf>,
+    /// Failed rows older than this may be purged to make room at
+    /// `max_db_size` (after every delivered and consumed row).
+    #[serde(with = "human_duration")]
+    pub room_failed_grace: Duration,
 }
 
 impl Default for StoreConfig {
@@ -134,6 +140,7 @@ impl Default for StoreConfig {
             max_db_size: ByteSize::gib(2),
             min_free_disk: ByteSize::mib(64),
             key_file: None,
+            room_failed_grace: Duration::from_secs(7 * 86_400),
         }
     }
 }

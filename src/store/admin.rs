@@ -20,13 +20,15 @@
 //!   goes in batches of [`BATCH`] rows, one transaction each, so the agent's
 //!   writer waits for one small batch at most, never for the whole change.
 
+use std::time::Duration;
+
 use rusqlite::{named_params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::error::open_error;
 use super::filter::RowFilter;
 use super::open::BUSY_TIMEOUT;
 use super::types::Move;
-use super::write::{purge_batch, reclaim};
+use super::write::{purge_batch, reclaim_slice};
 use super::{now_ms, Database, PurgeCutoffs, Status, StatusCounts, StoreError};
 
 /// Rows per transaction of a filtered `retry` or `discard`.
@@ -130,14 +132,16 @@ impl Admin {
         Ok(deleted)
     }
 
-    /// Hands one step of freed pages back to the filesystem, and
-    /// checkpoints the WAL this connection wrote, so that the agent's next
-    /// commit does not pay for it.
-    pub(crate) fn reclaim(&mut self) -> Result<(), StoreError> {
-        reclaim(&self.conn)?;
+    /// Hands one slice of freed pages (at most `budget` of work) back to
+    /// the filesystem, and checkpoints the WAL this connection wrote, so that
+    /// the agent's next commit does not pay for it. Returns whether the
+    /// freelist is done; the caller pauses between slices, so a running
+    /// agent's writer takes the lock in between.
+    pub(crate) fn reclaim_slice(&mut self, budget: Duration) -> Result<bool, StoreError> {
+        let slice = reclaim_slice(&self.conn, budget)?;
         self.conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
-        Ok(())
+        Ok(slice.done)
     }
 
     /// Moves every failed row `filter` selects back to delivering (its

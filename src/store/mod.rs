@@ -11,7 +11,8 @@
 //! - `open.rs`: the lock file, the pragmas, `quick_check`, the migrations;
 //! - `writer.rs`: the group-commit writer thread;
 //! - `write.rs`: the write SQL (insert, publish outcomes, consumer results,
-//!   expiry batch, purge batch, page reclaim);
+//!   expiry batch, purge batch, page reclaim, live size);
+//! - `room.rs`: making room under `store.max_db_size` before refusing;
 //! - `reader.rs`: the pooled read-only connections and their queries;
 //! - `admin.rs`: the CLI's direct changes (`retry`, `discard`, `purge`);
 //! - `filter.rs`: the operator's row filters as SQL (`list`, `export`,
@@ -86,9 +87,15 @@
 //! - WAL is required; `synchronous` is what the configuration says, checked.
 //! - A corrupt database is reported ([`StoreError::Corrupt`]) and never
 //!   replaced or repaired behind the operator's back.
-//! - Limits refuse, never evict: past `max_pending`, `max_db_size` or
-//!   `min_free_disk` a submit gets [`StoreError::BufferFull`] or
-//!   [`StoreError::StorageFull`] and nothing is deleted to make room.
+//! - Limits refuse, never evict a message still to deliver: past
+//!   `max_pending` or `min_free_disk` a submit gets
+//!   [`StoreError::BufferFull`] or [`StoreError::StorageFull`]; at
+//!   `max_db_size`, measured as live data, settled rows are purged to make
+//!   room first (delivered and consumed, then failed past
+//!   `store.room_failed_grace`; never status 0), and the submit is refused
+//!   only when none is left (docs/storage.md, Limits; decisions/0024, 0025).
+//! - Freed pages go back to the filesystem to the end of the freelist, in
+//!   slices between groups (decisions/0023).
 //! - Only this module writes SQL; the rest of the agent speaks in
 //!   [`Status`], rows and outcomes.
 
@@ -98,6 +105,7 @@ mod filter;
 mod key;
 mod open;
 mod reader;
+mod room;
 #[cfg(test)]
 mod tests;
 mod types;
@@ -109,6 +117,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::StoreConfig;
@@ -150,8 +159,20 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) the database and starts the writer thread
-    /// (the start-up steps above).
+    /// (the start-up steps above), counting nowhere the rows purged to make
+    /// room (the unit tests' store).
+    #[cfg(test)]
     pub(crate) fn open(config: &StoreConfig) -> Result<Store, StoreError> {
+        Store::open_counting(config, Counter::default())
+    }
+
+    /// Opens (creating if needed) the database and starts the writer thread
+    /// (the start-up steps above); the rows purged to make room under
+    /// `store.max_db_size` are counted in `room_purged` (the metric).
+    pub(crate) fn open_counting(
+        config: &StoreConfig,
+        room_purged: Counter,
+    ) -> Result<Store, StoreError> {
         let database = Database::from_config(config)?;
         let path = config.path.clone();
         // Before anything touches the file: a second agent must not migrate
@@ -162,12 +183,20 @@ impl Store {
             max_pending: config.max_pending.get(),
             max_db_size: config.max_db_size.as_u64(),
             min_free_disk: config.min_free_disk.as_u64(),
+            room_failed_grace_ms: i64::try_from(config.room_failed_grace.as_millis())
+                .unwrap_or(i64::MAX),
         };
         let reader = Reader::open(&database)?;
         let new_rows = Arc::new(Notify::new());
         let new_priority = Arc::new(AtomicI64::new(-1));
-        let (writer, thread) =
-            writer::start(conn, path, limits, new_rows.clone(), new_priority.clone())?;
+        let (writer, thread) = writer::start(
+            conn,
+            path,
+            limits,
+            new_rows.clone(),
+            new_priority.clone(),
+            room_purged,
+        )?;
         Ok(Store {
             _lock: Arc::new(lock),
             writer,

@@ -205,10 +205,13 @@ pub struct Backlog {
 }
 
 /// What storing a [`NewMessage`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Inserted {
     /// A row with this id already existed; nothing was stored.
     pub(crate) duplicate: bool,
+    /// Settled rows purged, in the commit that stored this message, to make
+    /// room under `store.max_db_size` (docs/storage.md, Making room).
+    pub(crate) made_room: u64,
 }
 
 /// One row of `msg_log`.

@@ -2,15 +2,16 @@
 //! the writer's group transaction (or the CLI's own, `store/admin.rs`).
 //!
 //! Owns the insert of a submitted message, the publish outcomes, the
-//! consumer's results, the expiry batch, the purge batch and the page
-//! reclaim.
+//! consumer's results, the expiry batch, the purge batch, the purge that
+//! makes room under `store.max_db_size`, and the page reclaim.
 //!
 //! Invariants:
 //! - Statuses move only as docs/storage.md, Statuses and transitions, allows:
 //!   every `UPDATE` of `status` is guarded by the row's current status.
 //! - These functions never commit: the caller's transaction holds them, so a
 //!   failure anywhere in a group rolls all of it back.
-//! - The purge never deletes a delivering row (docs/purge.md).
+//! - The purge, and the purge that makes room, never delete a delivering
+//!   row (docs/purge.md, docs/storage.md).
 
 use rusqlite::{named_params, Connection, OptionalExtension, Transaction};
 
@@ -80,7 +81,10 @@ pub(crate) fn insert_one(
         // A duplicate of a stored message is still answered ok.
         let mut exists = tx.prepare_cached("SELECT 1 FROM msg_log WHERE id = ?1")?;
         return Ok(if exists.exists([&message.id])? {
-            Ok(Inserted { duplicate: true })
+            Ok(Inserted {
+                duplicate: true,
+                made_room: 0,
+            })
         } else {
             Err(refusal)
         });
@@ -99,10 +103,13 @@ pub(crate) fn insert_one(
         ":expire_time": message.ttl_ms.map(|ttl| now.saturating_add(ttl)),
     })?;
     if changed == 0 {
-        return Ok(Ok(Inserted { duplicate: true }));
+        return Ok(Ok(Inserted {
+            duplicate: true,
+            made_room: 0,
+        }));
     }
     *delivering += 1;
-    Ok(Ok(Inserted { duplicate: false }))
+    Ok(Ok(Inserted::default()))
 }
 
 /// Records a handler's result. Returns the verdict and whether the row
@@ -299,17 +306,82 @@ pub(crate) fn purge_batch(
     Ok(deleted)
 }
 
-/// Hands freed pages back to the filesystem (the database uses
-/// `auto_vacuum = INCREMENTAL`).
-pub(crate) fn reclaim(conn: &Connection) -> Result<(), StoreError> {
-    // Bounded, like the purge batches: a whole backlog of free pages at once
-    // would hold the write lock for as long as it takes to move them.
-    conn.execute_batch(&format!("PRAGMA incremental_vacuum({RECLAIM_PAGES})"))?;
-    Ok(())
+/// What one [`reclaim_slice`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reclaimed {
+    /// Free pages handed back to the filesystem.
+    pub(crate) pages: u64,
+    /// The vacuum ran to its end: no free page is left to hand back (or
+    /// the file cannot hand any back: a database without
+    /// `auto_vacuum = INCREMENTAL`).
+    pub(crate) done: bool,
 }
 
-/// Free pages handed back to the filesystem per step.
-const RECLAIM_PAGES: u32 = 2048;
+/// Hands free pages back to the filesystem (the database uses
+/// `auto_vacuum = INCREMENTAL`), for at most `budget` or
+/// [`RECLAIM_SLICE_PAGES`] pages, in one transaction of its own (the
+/// connection must not be inside one).
+///
+/// `PRAGMA incremental_vacuum` returns one row per page it frees, so each
+/// step of the statement moves one page: the statement is stepped until it
+/// ends, or until the slice's bound, and then reset, which commits what it
+/// moved. Running it to completion in slices, with other writes between
+/// them, gives the whole freelist back without holding the write lock for
+/// long (docs/purge.md, How; decisions/0023).
+pub(crate) fn reclaim_slice(
+    conn: &Connection,
+    budget: std::time::Duration,
+) -> Result<Reclaimed, StoreError> {
+    let started = std::time::Instant::now();
+    let mut stmt = conn.prepare_cached("PRAGMA incremental_vacuum")?;
+    let mut rows = stmt.query([])?;
+    let mut pages = 0u64;
+    loop {
+        if rows.next()?.is_none() {
+            return Ok(Reclaimed { pages, done: true });
+        }
+        pages += 1;
+        if pages >= RECLAIM_SLICE_PAGES || started.elapsed() >= budget {
+            return Ok(Reclaimed { pages, done: false });
+        }
+    }
+}
+
+/// Most pages one reclaim slice moves, whatever its time budget.
+pub(crate) const RECLAIM_SLICE_PAGES: u64 = 4096;
+
+/// Bytes of live data: the pages in use, not on the freelist
+/// (docs/storage.md, Limits; decisions/0024).
+pub(crate) fn live_bytes(page_count: i64, freelist_count: i64, page_size: u64) -> u64 {
+    let in_use = page_count.max(0).saturating_sub(freelist_count.max(0));
+    (in_use as u64).saturating_mul(page_size)
+}
+
+/// The live data of the database `conn` is open on (inside a transaction:
+/// what that transaction sees).
+pub(crate) fn live_size(conn: &Connection, page_size: u64) -> Result<u64, StoreError> {
+    let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    Ok(live_bytes(pages, free, page_size))
+}
+
+/// Deletes one slice of the rows that may go to make room under
+/// `store.max_db_size`: delivered and consumed rows of any age, oldest
+/// first, then failed rows created before `failed_before`; never a
+/// delivering row (docs/storage.md, Making room; decisions/0025).
+pub(crate) fn purge_for_room(
+    conn: &Connection,
+    failed_before: i64,
+    limit: u32,
+) -> Result<StatusCounts, StoreError> {
+    // The purge's own statement with the settled rows' age lifted: it takes
+    // the settled rows first (oldest first), then the failed ones.
+    let cutoffs = PurgeCutoffs {
+        settled_before: i64::MAX,
+        failed_before,
+    };
+    purge_batch(conn, cutoffs, limit)
+}
 
 #[cfg(test)]
 mod tests {

@@ -9,13 +9,23 @@
 //! [`MAX_GROUP`]), applies them in one `BEGIN IMMEDIATE` transaction,
 //! commits (one sync for the whole group), and only then answers each one.
 //!
+//! Between groups, the writer hands freed pages back to the filesystem in
+//! bounded slices (`PRAGMA incremental_vacuum`, [`RECLAIM_BUDGET`] each,
+//! committed without a sync and checkpointed at once),
+//! one slice after each group, until the freelist is empty: after a purge,
+//! and at start when the file holds free pages (decisions/0023).
+//!
 //! Invariants:
 //! - No answer before the COMMIT that holds it returned.
 //! - Any error in a group rolls back the whole group, and every request in
 //!   it gets the error: nothing in it is acknowledged.
-//! - Limits refuse, never evict: a submit past `store.max_pending`,
-//!   `store.max_db_size` or `store.min_free_disk` is refused and nothing is
-//!   deleted to make room (docs/storage.md, Limits).
+//! - A submit past `store.max_pending` or `store.min_free_disk` is refused
+//!   and nothing is deleted to make room; at `store.max_db_size` (live data)
+//!   settled rows are purged to make room first (`room.rs`), never a
+//!   delivering row, and only then is a submit refused (docs/storage.md,
+//!   Limits).
+//! - A reclaim slice never runs inside a group, and a waiting group never
+//!   waits for more than one slice.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -26,9 +36,12 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::error::{open_error, same_kind};
+use super::room::{make_room, Room};
 use super::write::{
-    expire_batch, insert_one, purge_batch, reclaim, record_consumption, record_outcomes,
+    expire_batch, insert_one, purge_batch, reclaim_slice, record_consumption, record_outcomes,
 };
 use super::{
     free_disk, now_ms, ConsumeVerdict, Consumption, Inserted, NewMessage, PublishOutcome,
@@ -40,14 +53,23 @@ const MAX_GROUP: usize = 4096;
 /// How often the writer recounts the delivering rows exactly (the CLI's
 /// `retry` adds delivering rows behind its back).
 const DELIVERING_RECOUNT_EVERY: Duration = Duration::from_secs(5);
+/// Longest one reclaim slice holds the write lock: a submit that arrives
+/// during a reclaim waits for this at most, plus its own group.
+pub(crate) const RECLAIM_BUDGET: Duration = Duration::from_millis(5);
+/// At most one log line per this period about rows purged to make room.
+const ROOM_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The writer's refusal thresholds (from `StoreConfig`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     /// `store.max_pending`: the most delivering rows.
     pub(crate) max_pending: u64,
+    /// `store.max_db_size`, measured as live data.
     pub(crate) max_db_size: u64,
     pub(crate) min_free_disk: u64,
+    /// `store.room_failed_grace` in ms: failed rows older than this may be
+    /// purged to make room.
+    pub(crate) room_failed_grace_ms: i64,
 }
 
 /// One write for the writer thread, with where its answer goes.
@@ -91,9 +113,10 @@ pub(crate) fn start(
     limits: Limits,
     new_rows: Arc<Notify>,
     new_priority: Arc<AtomicI64>,
+    room_purged: Counter,
 ) -> Result<(mpsc::Sender<WriteRequest>, JoinHandle<()>), StoreError> {
     let (tx, rx) = mpsc::channel(MAX_GROUP * 4);
-    let mut writer = Writer::new(conn, path.clone(), limits, rx, new_rows)?;
+    let mut writer = Writer::new(conn, path.clone(), limits, rx, new_rows, room_purged)?;
     writer.new_priority = new_priority;
     let thread = std::thread::Builder::new()
         .name("store-writer".into())
@@ -143,6 +166,18 @@ struct Writer {
     /// `store.max_pending` check must not count the table on every submit.
     delivering: u64,
     counted_at: Instant,
+    /// `PRAGMA synchronous` as configured, restored after each reclaim slice.
+    synchronous: i64,
+    /// Free pages wait to be handed back to the filesystem.
+    reclaim_due: bool,
+    /// The reclaim under way: pages handed back and when it began.
+    reclaimed: u64,
+    reclaim_started: Option<Instant>,
+    /// Rows purged to make room (the metric).
+    room_purged: Counter,
+    /// Rows purged to make room not yet logged, and when the last line was.
+    room_unlogged: StatusCounts,
+    room_logged_at: Option<Instant>,
 }
 
 /// A request's answer, held until its group's COMMIT returns.
@@ -169,7 +204,13 @@ impl Reply {
     fn send(self, group_error: Option<(&StoreError, &str)>) -> bool {
         match (self, group_error) {
             (Reply::Insert(tx, result), None) => {
-                let inserted = matches!(result, Ok(Inserted { duplicate: false }));
+                let inserted = matches!(
+                    result,
+                    Ok(Inserted {
+                        duplicate: false,
+                        ..
+                    })
+                );
                 let _ = tx.send(result);
                 inserted
             }
@@ -220,6 +261,7 @@ impl Writer {
         limits: Limits,
         requests: mpsc::Receiver<WriteRequest>,
         new_rows: Arc<Notify>,
+        room_purged: Counter,
     ) -> Result<Writer, StoreError> {
         // SQLCipher answers `page_size` on a keyed database as text.
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| {
@@ -229,6 +271,10 @@ impl Writer {
                 _ => 4096,
             })
         })?;
+        // Free pages left by an interrupted reclaim (or an older agent's
+        // one-page reclaim) go back at start.
+        let free_pages: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let synchronous: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
         let mut writer = Writer {
             conn,
             path,
@@ -239,6 +285,13 @@ impl Writer {
             page_size: page_size.max(512) as u64,
             delivering: 0,
             counted_at: Instant::now(),
+            synchronous,
+            reclaim_due: free_pages > 0,
+            reclaimed: 0,
+            reclaim_started: None,
+            room_purged,
+            room_unlogged: StatusCounts::default(),
+            room_logged_at: None,
         };
         writer.recount_delivering()?;
         Ok(writer)
@@ -260,8 +313,22 @@ impl Writer {
         #[cfg(feature = "test-hooks")]
         let wedge_at = wedge::wedge_for_tests();
         loop {
-            let Some(first) = self.requests.blocking_recv() else {
+            // One reclaim slice between groups, then the group waiting, if
+            // any: neither waits for more than one of the other.
+            if self.reclaim_due && !self.reclaim_step() {
                 return;
+            }
+            let first = if self.reclaim_due {
+                match self.requests.try_recv() {
+                    Ok(request) => request,
+                    Err(mpsc::error::TryRecvError::Empty) => continue,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                }
+            } else {
+                match self.requests.blocking_recv() {
+                    Some(request) => request,
+                    None => return,
+                }
             };
             #[cfg(feature = "test-hooks")]
             wedge::wedge_if_due(wedge_at);
@@ -305,9 +372,12 @@ impl Writer {
         let outcome = self.apply(group, &mut replies, &mut top_priority);
         let mut inserted_any = false;
         match outcome {
-            Ok(()) => {
+            Ok(room_purged) => {
                 for reply in replies {
                     inserted_any |= reply.send(None);
+                }
+                if room_purged.total() > 0 {
+                    self.note_room_purged(room_purged);
                 }
             }
             Err(error) => {
@@ -324,35 +394,130 @@ impl Writer {
             self.new_rows.notify_one();
         }
         if purged {
-            if let Err(e) = reclaim(&self.conn) {
+            self.reclaim_due = true;
+        }
+    }
+
+    /// One reclaim slice; at the end of the freelist, one log line and a
+    /// passive checkpoint (in WAL mode the file shrinks when the checkpoint
+    /// copies the commit that shortened it). Returns false when the writer
+    /// must stop: its connection could not be made as durable as
+    /// configured again (requests then get [`StoreError::Closed`]).
+    fn reclaim_step(&mut self) -> bool {
+        let started = *self.reclaim_started.get_or_insert_with(Instant::now);
+        // A slice's commit carries no acknowledged data: it need not wait
+        // for a sync (losing it to a power cut loses nothing), and the next
+        // group's commit syncs the WAL it wrote.
+        let relaxed = self.conn.execute_batch("PRAGMA synchronous = NORMAL");
+        let sliced = reclaim_slice(&self.conn, RECLAIM_BUDGET);
+        // Copy the slice's frames to the file now, a slice's worth at a time:
+        // left to the automatic checkpoint they would be copied 1000 pages
+        // at once, inside whichever commit crosses the mark, a submit's too.
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if relaxed.is_ok() {
+            let restore = format!("PRAGMA synchronous = {}", self.synchronous);
+            if let Err(e) = self.conn.execute_batch(&restore) {
+                // Never commit a submit less durably than configured: a
+                // writer that cannot restore it stops writing.
+                tracing::error!(error = %e, "cannot restore PRAGMA synchronous after a reclaim slice; the writer stops");
+                return false;
+            }
+        }
+        match sliced {
+            Ok(slice) => {
+                self.reclaimed += slice.pages;
+                if !slice.done {
+                    return true;
+                }
+                if self.reclaimed > 0 {
+                    let _ = self
+                        .conn
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                    tracing::info!(
+                        pages = self.reclaimed,
+                        bytes = self.reclaimed * self.page_size,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "freed pages handed back to the filesystem"
+                    );
+                }
+            }
+            Err(e) => {
                 tracing::warn!(error = %e, "could not hand freed pages back to the filesystem");
             }
+        }
+        self.reclaim_due = false;
+        self.reclaimed = 0;
+        self.reclaim_started = None;
+        true
+    }
+
+    /// Counts the rows a committed group purged to make room, and logs them
+    /// at most once per [`ROOM_LOG_EVERY`].
+    fn note_room_purged(&mut self, purged: StatusCounts) {
+        self.room_purged.inc_by(purged.total());
+        self.room_unlogged = self.room_unlogged.plus(purged);
+        let due = self
+            .room_logged_at
+            .is_none_or(|at| at.elapsed() >= ROOM_LOG_EVERY);
+        if due && self.room_unlogged.total() > 0 {
+            let rows = self.room_unlogged;
+            tracing::info!(
+                delivered = rows.delivered,
+                consumed = rows.consumed,
+                failed = rows.failed,
+                "settled rows purged to make room under store.max_db_size"
+            );
+            self.room_unlogged = StatusCounts::default();
+            self.room_logged_at = Some(Instant::now());
         }
     }
 
     /// Runs every request of `group` inside one `BEGIN IMMEDIATE` transaction
-    /// and commits it. On error the transaction rolls back (on drop) and the
-    /// caller answers every request with the error.
+    /// and commits it; returns the rows purged to make room for its submits.
+    /// On error the transaction rolls back (on drop) and the caller answers
+    /// every request with the error.
     fn apply(
         &mut self,
         group: &mut Vec<WriteRequest>,
         replies: &mut Vec<Reply>,
         top_priority: &mut i64,
-    ) -> Result<(), StoreError> {
-        let storage_refusal = self.storage_refusal();
-        let (tx, result) = match self
+        let inserts = group
+            .iter()
+            .any(|r| matches!(r, WriteRequest::Insert { .. }));
+        let disk_refusal = if inserts { self.disk_refusal() } else { None };
+        let now = now_ms();
+        let (page_size, limits) = (self.page_size, self.limits);
+        let (tx, mut result) = match self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
         {
             Ok(tx) => (Some(tx), Ok(())),
             Err(e) => (None, Err(e.into())),
         };
+        // Making room only helps the size limit: deleting rows gives no disk
+        // back (their pages stay in the file, for new rows).
+        let mut room = Room::default();
+        if let (Some(tx), true, None) = (&tx, inserts, &disk_refusal) {
+            let failed_before = now.saturating_sub(limits.room_failed_grace_ms);
+            match make_room(tx, page_size, limits.max_db_size, failed_before) {
+                Ok(made) => room = made,
+                Err(e) => result = Err(e),
+            }
+        }
+        let made_room = if room.refusal.is_none() {
+            room.purged.total()
+        } else {
+            0
+        };
         let mut open = OpenGroup {
             tx,
             result,
-            now: now_ms(),
-            storage_refusal,
-            limits: self.limits,
+            now,
+            storage_refusal: disk_refusal.or(room.refusal),
+            made_room,
+            limits,
             delivering: &mut self.delivering,
             top_priority,
         };
@@ -364,35 +529,23 @@ impl Writer {
         if let Some(tx) = tx {
             tx.commit()?;
         }
-        Ok(())
+        Ok(room.purged)
     }
 
-    /// Why a submit must be refused for lack of room, if it must.
-    fn storage_refusal(&mut self) -> Option<String> {
-        let pages: i64 = self
-            .conn
-            .query_row("PRAGMA page_count", [], |r| r.get(0))
-            .unwrap_or(0);
-        let size = pages.max(0) as u64 * self.page_size;
-        if size >= self.limits.max_db_size {
-            return Some(format!(
-                "the database is {} (store.max_db_size = {})",
-                bytesize::ByteSize(size),
-                bytesize::ByteSize(self.limits.max_db_size)
-            ));
+    /// Why a submit must be refused for lack of free disk, if it must (the
+    /// size limit is `room.rs`'s, inside the group's transaction).
+    fn disk_refusal(&self) -> Option<String> {
+        if self.limits.min_free_disk == 0 {
+            return None;
         }
-        if self.limits.min_free_disk > 0 {
-            if let Some(free) = free_disk(&self.path) {
-                if free < self.limits.min_free_disk {
-                    return Some(format!(
-                        "{} free on the database's filesystem (store.min_free_disk = {})",
-                        bytesize::ByteSize(free),
-                        bytesize::ByteSize(self.limits.min_free_disk)
-                    ));
-                }
-            }
-        }
-        None
+        let free = free_disk(&self.path)?;
+        (free < self.limits.min_free_disk).then(|| {
+            format!(
+                "{} free on the database's filesystem (store.min_free_disk = {})",
+                bytesize::ByteSize(free),
+                bytesize::ByteSize(self.limits.min_free_disk)
+            )
+        })
     }
 }
 
@@ -405,8 +558,11 @@ struct OpenGroup<'a> {
     result: Result<(), StoreError>,
     now: i64,
     /// Why submits are refused in this group, if they are (checked once,
-    /// before `BEGIN`).
+    /// at its start).
     storage_refusal: Option<String>,
+    /// Rows purged to make room for this group's submits (each stored one
+    /// says so in its answer).
+    made_room: u64,
     limits: Limits,
     delivering: &'a mut u64,
     /// The highest priority of a row stored in this group (-1: none).
@@ -426,14 +582,17 @@ impl OpenGroup<'_> {
             WriteRequest::Insert { message, reply } => {
                 let refusal = self.storage_refusal.clone().map(StoreError::StorageFull);
                 let priority = i64::from(message.priority);
-                let (answer, applied) = split(
+                let (mut answer, applied) = split(
                     tx.map(|tx| {
                         insert_one(tx, message, now, refusal, self.delivering, self.limits)
                     }),
-                    Ok(Inserted { duplicate: false }),
+                    Ok(Inserted::default()),
                 );
-                if applied.is_ok() && matches!(answer, Ok(Inserted { duplicate: false })) {
-                    *self.top_priority = (*self.top_priority).max(priority);
+                if let (Ok(()), Ok(inserted)) = (&applied, &mut answer) {
+                    if !inserted.duplicate {
+                        inserted.made_room = self.made_room;
+                        *self.top_priority = (*self.top_priority).max(priority);
+                    }
                 }
                 replies.push(Reply::Insert(reply, answer));
                 applied

@@ -283,6 +283,7 @@ async fn write_all_answers(
                     Ok(inserted) => Answer::Ok(Accepted {
                         id,
                         duplicate: inserted.duplicate,
+                        made_room: inserted.made_room,
                     }),
                     Err(e) => {
                         tracing::debug!(message_id = %id, error = %e, "submit refused");
