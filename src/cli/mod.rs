@@ -54,28 +54,27 @@ const EXIT_CONFIG: u8 = 78;
              it keeps them in SQLite and delivers them to RabbitMQ"
 )]
 struct Cli {
+    #[command(flatten)]
+    config: ConfigArg,
     #[command(subcommand)]
     command: Command,
 }
 
+/// `-c FILE`, one option of the whole command line: `global` lets it stand
+/// before the subcommand (`edge-outbox -c FILE status`) or after it.
 #[derive(Debug, clap::Args)]
 struct ConfigArg {
     /// Configuration file (TOML). Default: $EDGE_OUTBOX_CONFIG, else built-in defaults.
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    #[arg(short = 'c', long = "config", value_name = "FILE", global = true)]
     file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent in the foreground.
-    Run {
-        #[command(flatten)]
-        config: ConfigArg,
-    },
+    Run,
     /// Hand a message to the running agent; prints its id.
     Submit {
-        #[command(flatten)]
-        config: ConfigArg,
         /// The agent's socket (default: submit.socket from the configuration).
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
@@ -108,15 +107,11 @@ enum Command {
     },
     /// Counts per status, oldest pending age, broker connection, db size.
     Status {
-        #[command(flatten)]
-        config: ConfigArg,
         #[arg(long)]
         json: bool,
     },
     /// List messages, newest first.
     List {
-        #[command(flatten)]
-        config: ConfigArg,
         #[arg(long, value_parser = ["delivering", "delivered", "failed", "consumed"])]
         status: Option<String>,
         #[arg(long, default_value_t = 100)]
@@ -126,16 +121,12 @@ enum Command {
     },
     /// Show one message, with its body.
     Show {
-        #[command(flatten)]
-        config: ConfigArg,
         id: String,
         #[arg(long)]
         json: bool,
     },
     /// Move failed messages back to delivering (try_count 0, due now).
     Retry {
-        #[command(flatten)]
-        config: ConfigArg,
         #[arg(required_unless_present = "failed", conflicts_with = "failed")]
         ids: Vec<String>,
         /// Every failed message.
@@ -145,33 +136,25 @@ enum Command {
     /// Delete old delivered/consumed rows (purge.retention) and old failed
     /// rows (purge.failed_retention); never undelivered ones.
     Purge {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Only count what would be deleted.
         #[arg(long)]
         dry_run: bool,
     },
     /// Check the configuration and print the effective values.
-    CheckConfig {
-        #[command(flatten)]
-        config: ConfigArg,
-    },
+    CheckConfig,
+}
+
+/// The command-line definition, for what is generated from it: the man
+/// pages and shell completions of the Debian package (`xtask`,
+/// docs/decisions/0037-man-page-and-completions-from-an-xtask.md).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 /// Parses the command line and runs it; the process's exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config_file = match &cli.command {
-        Command::Run { config }
-        | Command::Submit { config, .. }
-        | Command::Status { config, .. }
-        | Command::List { config, .. }
-        | Command::Show { config, .. }
-        | Command::Retry { config, .. }
-        | Command::Purge { config, .. }
-        | Command::CheckConfig { config } => config.file.clone(),
-    };
-    let config = match config::load(config_file.as_deref()) {
+    let config = match config::load(cli.config.file.as_deref()) {
         Ok(config) => config,
         Err(e) => return config_failure(&e),
     };
@@ -212,8 +195,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { .. } => commands::run(config),
-        Command::CheckConfig { .. } => commands::check_config(&config),
+        Command::Run => commands::run(config),
+        Command::CheckConfig => commands::check_config(&config),
         Command::Submit {
             socket,
             exchange,
