@@ -17,7 +17,9 @@
 //! socket; `status` falls back to reading the database when no agent
 //! answers. `list` and `show` read the database; `retry` writes it on a
 //! connection of its own (safe while the agent runs: WAL and a busy timeout).
-//! Output is plain text for people, `--json` for scripts.
+//! Output is plain text for people, `--json` for scripts. `-c FILE` is a
+//! global option: it may stand before or after the subcommand, and every
+//! command loads the configuration the same way, before it runs.
 //!
 //! Invariant: a closed stdout (`edge-outbox list | head`) is never a panic;
 //! output goes through `out!`.
