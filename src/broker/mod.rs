@@ -105,6 +105,11 @@ fn tls_config(config: &BrokerConfig) -> Result<OwnedTLSConfig, BrokerError> {
 }
 
 /// Parses `broker.urls`, applies `broker.password_file` and `broker.heartbeat`.
+/// Every file `[broker]` names is read here, once, whether or not a URL
+/// needs it (a TLS file with only `amqp://` URLs too): `run` and
+/// `check-config` both call this, so a file that cannot be read fails both
+/// alike, with this error, at start
+/// (docs/decisions/0038-check-config-opens-what-run-opens.md).
 pub(crate) fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>, BrokerError> {
     let password = match &config.password_file {
         None => None,
@@ -118,6 +123,7 @@ pub(crate) fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>,
             Some(text.trim_end_matches(['\r', '\n']).to_string())
         }
     };
+    let tls = tls_config(config)?;
     config
         .urls
         .iter()
@@ -128,11 +134,7 @@ pub(crate) fn broker_targets(config: &BrokerConfig) -> Result<Vec<BrokerTarget>,
                 url: redact_url(url),
                 message,
             })?;
-            let tls = if url.starts_with("amqps://") {
-                Some(tls_config(config)?)
-            } else {
-                None
-            };
+            let tls = url.starts_with("amqps://").then(|| tls.clone());
             if let Some(p) = &password {
                 uri.authority.userinfo.password = p.clone();
             }

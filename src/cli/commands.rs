@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::report::{print_row, print_status, print_table, row_json};
 use super::{client, runtime, EXIT_CONFIG};
+use crate::broker::{broker_targets, BrokerError};
 use crate::config::{self, Config};
 use crate::status::StatusReport;
 use crate::store::{Admin, Database, ListOrder, Reader, RowFilter};
@@ -24,19 +25,40 @@ pub(super) fn run(config: Config) -> anyhow::Result<ExitCode> {
     crate::logging::init(&config.log);
     match runtime()?.block_on(crate::app::run(config)) {
         Ok(()) => Ok(ExitCode::SUCCESS),
-        // A password or TLS file that cannot be read is a
-        // configuration problem: exit 78, so systemd does not loop.
-        Err(crate::app::AppError::Broker(e)) => {
-            eprintln!("edge-outbox: bad configuration: {e}");
-            Ok(ExitCode::from(EXIT_CONFIG))
-        }
+        Err(crate::app::AppError::Broker(e)) => Ok(broker_failure(&e)),
         Err(e) => Err(e.into()),
     }
 }
 
+/// A password or TLS file that cannot be read (or a URL that does not
+/// parse) is a configuration problem: exit 78, so systemd does not loop.
+/// `run` and `check-config` say it in the same words.
+fn broker_failure(e: &BrokerError) -> ExitCode {
+    eprintln!("edge-outbox: bad configuration: {e}");
+    if let BrokerError::PasswordFile { path, .. } = e {
+        if path.starts_with("/run/credentials")
+            && std::env::var_os("CREDENTIALS_DIRECTORY").is_none()
+        {
+            eprintln!(
+                "edge-outbox: hint: {} is a systemd credential, there only while the unit \
+                 runs; outside it, point the key at the credential's source: \
+                 EDGE_OUTBOX_BROKER_PASSWORD_FILE=/etc/edge-outbox/broker-password",
+                path.display()
+            );
+        }
+    }
+    ExitCode::from(EXIT_CONFIG)
+}
+
 /// `check-config`: the effective configuration, passwords redacted; the
-/// warnings on stderr (stdout stays the configuration).
+/// warnings on stderr (stdout stays the configuration). Exit 78, with
+/// `run`'s own message, when a file the configuration names cannot be read.
 pub(super) fn check_config(config: &Config) -> anyhow::Result<ExitCode> {
+    // The files `run` reads before it starts (password, CA, certificate,
+    // key), read the same way: what fails `run` fails here first.
+    if let Err(e) = broker_targets(&config.broker) {
+        return Ok(broker_failure(&e));
+    }
     for warning in config.warnings() {
         eprintln!("edge-outbox: warning: {warning}");
     }

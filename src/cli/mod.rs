@@ -26,7 +26,9 @@
 //! `discard` write it on a connection of their own (safe while the agent
 //! runs: WAL and a busy timeout). None of them asks the agent: they work
 //! whether it runs or not (docs/cli.md, What each command talks to).
-//! Output is plain text for people, `--json` for scripts.
+//! Output is plain text for people, `--json` for scripts. `-c FILE` is a
+//! global option: it may stand before or after the subcommand, and every
+//! command loads the configuration the same way, before it runs.
 //!
 //! Invariant: a closed stdout (`edge-outbox list | head`) is never a panic;
 //! output goes through `out!`.
@@ -78,28 +80,27 @@ const EXIT_CONFIG: u8 = exit::Exit::Config.code();
              it keeps them in SQLite and delivers them to RabbitMQ"
 )]
 struct Cli {
+    #[command(flatten)]
+    config: ConfigArg,
     #[command(subcommand)]
     command: Command,
 }
 
+/// `-c FILE`, one option of the whole command line: `global` lets it stand
+/// before the subcommand (`edge-outbox -c FILE status`) or after it.
 #[derive(Debug, clap::Args)]
 struct ConfigArg {
     /// Configuration file (TOML). Default: $EDGE_OUTBOX_CONFIG, else built-in defaults.
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    #[arg(short = 'c', long = "config", value_name = "FILE", global = true)]
     file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent in the foreground.
-    Run {
-        #[command(flatten)]
-        config: ConfigArg,
-    },
+    Run,
     /// Hand a message to the running agent; prints its id.
     Submit {
-        #[command(flatten)]
-        config: ConfigArg,
         /// The agent's socket (default: submit.socket from the configuration).
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
@@ -139,8 +140,6 @@ enum Command {
     },
     /// Counts per status, oldest pending age, broker connection, db size.
     Status {
-        #[command(flatten)]
-        config: ConfigArg,
         #[arg(long, conflicts_with = "check")]
         json: bool,
         /// Print one OK/CRITICAL line and exit non-zero when the agent is
@@ -160,8 +159,6 @@ enum Command {
     },
     /// List messages, newest first (--oldest: oldest first).
     List {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Only messages of this status.
         #[arg(long, value_parser = backlog::parse_status)]
         status: Option<Status>,
@@ -177,16 +174,12 @@ enum Command {
     },
     /// Show one message, with its body.
     Show {
-        #[command(flatten)]
-        config: ConfigArg,
         id: String,
         #[arg(long)]
         json: bool,
     },
     /// Move failed messages back to delivering (try_count 0, due now).
     Retry {
-        #[command(flatten)]
-        config: ConfigArg,
         #[arg(
             required_unless_present = "failed",
             conflicts_with_all = ["failed", "exchange", "routing_key", "error", "older_than"]
@@ -201,8 +194,6 @@ enum Command {
     /// Delete failed messages; move delivering ones to failed
     /// ("discarded by operator"). Delivered and consumed ones are refused.
     Discard {
-        #[command(flatten)]
-        config: ConfigArg,
         #[arg(
             required_unless_present = "failed",
             conflicts_with_all = ["failed", "exchange", "routing_key", "error", "older_than"]
@@ -217,8 +208,6 @@ enum Command {
     /// Print messages as NDJSON submit requests, oldest first, for
     /// `submit --bulk` on another host (default: the delivering ones).
     Export {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Only messages of this status (default: delivering).
         #[arg(long, value_parser = backlog::parse_status, default_value = "delivering")]
         status: Status,
@@ -231,35 +220,25 @@ enum Command {
     /// Delete old delivered/consumed rows (purge.retention) and old failed
     /// rows (purge.failed_retention); never undelivered ones.
     Purge {
-        #[command(flatten)]
-        config: ConfigArg,
         /// Only count what would be deleted.
         #[arg(long)]
         dry_run: bool,
     },
     /// Check the configuration and print the effective values.
-    CheckConfig {
-        #[command(flatten)]
-        config: ConfigArg,
-    },
+    CheckConfig,
+}
+
+/// The command-line definition, for what is generated from it: the man
+/// pages and shell completions of the Debian package (`xtask`,
+/// docs/decisions/0037-man-page-and-completions-from-an-xtask.md).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 /// Parses the command line and runs it; the process's exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config_file = match &cli.command {
-        Command::Run { config }
-        | Command::Submit { config, .. }
-        | Command::Status { config, .. }
-        | Command::List { config, .. }
-        | Command::Show { config, .. }
-        | Command::Retry { config, .. }
-        | Command::Discard { config, .. }
-        | Command::Export { config, .. }
-        | Command::Purge { config, .. }
-        | Command::CheckConfig { config } => config.file.clone(),
-    };
-    let config = match config::load(config_file.as_deref()) {
+    let config = match config::load(cli.config.file.as_deref()) {
         Ok(config) => config,
         Err(e) => return config_failure(&e),
     };
@@ -300,8 +279,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn execute(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { .. } => commands::run(config),
-        Command::CheckConfig { .. } => commands::check_config(&config),
+        Command::Run => commands::run(config),
+        Command::CheckConfig => commands::check_config(&config),
         Command::Submit {
             socket,
             exchange,

@@ -6,10 +6,12 @@
 //! which key so that an error about the key names the variable.
 //!
 //! Invariants:
-//! - A variable whose section is one of ours but whose key is not is an
-//!   error naming the variable; variables of other sections
-//!   (`EDGE_OUTBOX_CONFIG`, the exec handler's `EDGE_OUTBOX_MESSAGE_ID`) are
-//!   not overrides and are left alone.
+//! - The `EDGE_OUTBOX_` namespace is ours: every variable in it is either an
+//!   override of a known key or one of the documented non-key variables
+//!   ([`NON_KEY_VARIABLES`], the test suite's `EDGE_OUTBOX_TEST_*`); any
+//!   other is an error naming the variable, whether its key or its section
+//!   is misspelt, so a typo never silently falls back to a default
+//!   (docs/decisions/0039-the-environment-namespace-is-checked.md).
 //! - The known keys and their kinds are those of the serialized defaults:
 //!   the same names and syntax as the file.
 
@@ -18,6 +20,23 @@ use std::collections::BTreeMap;
 use super::{Config, ConfigError};
 
 const ENV_PREFIX: &str = "EDGE_OUTBOX_";
+
+/// The `EDGE_OUTBOX_*` variables that are not overrides
+/// (docs/configuration.md, "Environment overrides"): the configuration
+/// file's path, the exec handler's per-message variables (a handler that
+/// runs `edge-outbox` passes them on), and the test-hooks build's wedge.
+const NON_KEY_VARIABLES: [&str; 6] = [
+    "EDGE_OUTBOX_CONFIG",
+    "EDGE_OUTBOX_MESSAGE_ID",
+    "EDGE_OUTBOX_EXCHANGE",
+    "EDGE_OUTBOX_ROUTING_KEY",
+    "EDGE_OUTBOX_REDELIVERED",
+    "EDGE_OUTBOX_WEDGE_FOR_TESTS",
+];
+
+/// The test suite's own knobs (`EDGE_OUTBOX_TEST_SEED`, ...): set for a test
+/// run, inherited by the agents it starts.
+const TEST_PREFIX: &str = "EDGE_OUTBOX_TEST_";
 
 /// Which variable set which key (`publish.max_in_flight` →
 /// `EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT`).
@@ -39,8 +58,8 @@ impl Overrides {
 }
 
 /// Merges `EDGE_OUTBOX_<SECTION>_<KEY>` variables into `table`; returns which
-/// variable set which key. Variables whose section is not
-/// one of ours (the exec handler's `EDGE_OUTBOX_MESSAGE_ID`, say) are not ours.
+/// variable set which key. The non-key variables are skipped; any other
+/// `EDGE_OUTBOX_*` variable that names no known key is an error naming it.
 /// `origin` names the file, for a section of it that is not a table.
 pub(super) fn apply_env(
     table: &mut toml::Table,
@@ -56,12 +75,15 @@ pub(super) fn apply_env(
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
+        if NON_KEY_VARIABLES.contains(&name.as_str()) || name.starts_with(TEST_PREFIX) {
+            continue;
+        }
         let rest = rest.to_ascii_lowercase();
         let Some((section, default_section)) = defaults
             .iter()
             .find(|(s, _)| rest.starts_with(&format!("{s}_")))
         else {
-            continue;
+            return Err(unknown_variable(name, &rest, &defaults));
         };
         let key = &rest[section.len() + 1..];
         let keys = default_section.as_table();
@@ -91,6 +113,52 @@ pub(super) fn apply_env(
         sources.0.insert(format!("{section}.{key}"), name.clone());
     }
     Ok(sources)
+}
+
+/// The error for an `EDGE_OUTBOX_*` variable whose section is not one of
+/// ours: it names the variable, says what is accepted and, when one known
+/// key is a near miss (a letter or two off), which.
+fn unknown_variable(name: &str, rest: &str, defaults: &toml::Table) -> ConfigError {
+    let known = defaults.iter().flat_map(|(section, keys)| {
+        keys.as_table()
+            .into_iter()
+            .flat_map(move |t| t.keys().map(move |key| format!("{section}_{key}")))
+    });
+    let nearest = known
+        .map(|k| (edit_distance(rest, &k), k))
+        .filter(|(d, _)| *d <= 2)
+        .min();
+    let hint = match nearest {
+        Some((_, key)) => format!("; did you mean {ENV_PREFIX}{}?", key.to_ascii_uppercase()),
+        None => String::new(),
+    };
+    ConfigError::Invalid {
+        key: name.to_string(),
+        message: format!(
+            "unknown variable: not {ENV_PREFIX}<SECTION>_<KEY> for a known key, nor one of {}, \
+             {TEST_PREFIX}*{hint}",
+            NON_KEY_VARIABLES.join(", ")
+        ),
+        origin: None,
+    }
+}
+
+/// Levenshtein distance, for the "did you mean" of a misspelt variable.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// An environment value is TOML when it parses as the key's kind of value,
@@ -196,6 +264,52 @@ mod tests {
                 .ends_with("(from EDGE_OUTBOX_CONSUMER_BINDINGS)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn every_unknown_variable_in_the_namespace_is_refused_by_name() {
+        // A misspelt section, the issue's own example: refused, with the
+        // near miss named.
+        let e = load_from(
+            None,
+            "d",
+            &env(&[("EDGE_OUTBOX_PUBLSH_MAX_IN_FLIGHT", "64")]),
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("EDGE_OUTBOX_PUBLSH_MAX_IN_FLIGHT: unknown variable"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("did you mean EDGE_OUTBOX_PUBLISH_MAX_IN_FLIGHT?"),
+            "{text}"
+        );
+        // Far from every key: refused, without a guess.
+        let e = load_from(None, "d", &env(&[("EDGE_OUTBOX_SOCKET", "/x")])).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("EDGE_OUTBOX_SOCKET: unknown variable"));
+        assert!(!e.to_string().contains("did you mean"), "{e}");
+        // The documented non-key variables and the test suite's knobs pass.
+        for name in [
+            "EDGE_OUTBOX_CONFIG",
+            "EDGE_OUTBOX_MESSAGE_ID",
+            "EDGE_OUTBOX_EXCHANGE",
+            "EDGE_OUTBOX_ROUTING_KEY",
+            "EDGE_OUTBOX_REDELIVERED",
+            "EDGE_OUTBOX_WEDGE_FOR_TESTS",
+            "EDGE_OUTBOX_TEST_SEED",
+        ] {
+            load_from(None, "d", &env(&[(name, "1")])).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        // Outside the namespace nothing is ours.
+        load_from(
+            None,
+            "d",
+            &env(&[("EDGE_OUTBOXPUBLISH", "1"), ("PATH", "/bin")]),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -383,7 +383,7 @@ impl Default for LogConfig {
 /// Loads the configuration: `file` (or `EDGE_OUTBOX_CONFIG`, or nothing),
 /// then the process environment's overrides, then validation.
 pub(crate) fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-    let env: Vec<(String, String)> = std::env::vars().collect();
+    let env = environment()?;
     let from_env = env
         .iter()
         .find(|(k, _)| k == CONFIG_ENV)
@@ -404,6 +404,23 @@ pub(crate) fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "defaults".into());
     load_from(text.as_deref(), &origin, &env)
+}
+
+/// The process environment as text. A variable of ours that is not UTF-8 is
+/// an error naming it (never a panic, never silently skipped); others that
+/// are not UTF-8 are none of our business.
+fn environment() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut env = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => env.push((name, value)),
+            (Ok(name), Err(_)) if name.starts_with("EDGE_OUTBOX_") => {
+                return Err(invalid(&name, "the value is not UTF-8"))
+            }
+            _ => {}
+        }
+    }
+    Ok(env)
 }
 
 /// [`load`] without touching the filesystem or the process environment:

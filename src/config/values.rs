@@ -305,12 +305,12 @@ pub(super) mod human_duration {
 
     pub(crate) fn format(d: Duration) -> String {
         let ms = d.as_millis();
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             return format!("{ms}ms");
         }
         let secs = d.as_secs();
         for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
-            if secs > 0 && secs % size == 0 {
+            if secs > 0 && secs.is_multiple_of(size) {
                 return format!("{}{unit}", secs / size);
             }
         }

@@ -776,7 +776,10 @@ mod tests {
                 let mut rng = Rng(seed ^ (round + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
                 let n = 1 + (rng.next() % 300) as usize;
                 let window = 1 + (rng.next() % 64) as usize;
-                let bad: HashSet<RowId> = (0..n).filter(|_| rng.next() % 10 == 0).map(id).collect();
+                let bad: HashSet<RowId> = (0..n)
+                    .filter(|_| rng.next().is_multiple_of(10))
+                    .map(id)
+                    .collect();
                 let mut l = Ledger::new(window);
                 let (mut next_row, mut channel) = (0usize, 1u64);
                 let mut ended: HashMap<RowId, bool> = HashMap::new();

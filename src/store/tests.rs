@@ -301,6 +301,13 @@ async fn after_a_purge_the_writer_reclaims_every_free_page() {
     }
     let after = pragma("page_count");
     assert!(after * 20 < full, "{full} pages before, {after} after");
-    assert_eq!(store.reader().list(&RowFilter::default(), ListOrder::NewestFirst, 100).unwrap().len(), 20);
+    assert_eq!(
+        store
+            .reader()
+            .list(&RowFilter::default(), ListOrder::NewestFirst, 100)
+            .unwrap()
+            .len(),
+        20
+    );
     store.close().await;
 }

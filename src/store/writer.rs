@@ -483,6 +483,7 @@ impl Writer {
         group: &mut Vec<WriteRequest>,
         replies: &mut Vec<Reply>,
         top_priority: &mut i64,
+    ) -> Result<StatusCounts, StoreError> {
         let inserts = group
             .iter()
             .any(|r| matches!(r, WriteRequest::Insert { .. }));
