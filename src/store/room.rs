@@ -226,7 +226,11 @@ mod tests {
         }
 
         fn open(dir: &std::path::Path) -> (Connection, u64) {
-            let conn = open_writer_connection(&dir.join("t.db"), Synchronous::Normal).unwrap();
+            let conn = open_writer_connection(
+                &crate::store::Database::plain(dir.join("t.db")),
+                Synchronous::Normal,
+            )
+            .unwrap();
             let page_size: i64 = conn
                 .query_row("PRAGMA page_size", [], |r| r.get(0))
                 .unwrap();
