@@ -175,6 +175,7 @@ synchronous = "full"
 max_pending = 1000000
 max_db_size = "2.0 GiB"
 min_free_disk = "64.0 MiB"
+key_file = ""
 room_failed_grace = "7d"
 
 [submit]
