@@ -69,6 +69,46 @@ fn sigint_stops_the_agent_like_sigterm() {
     assert_eq!(agent.rows(), 1);
 }
 
+/// An agent consuming `queue` whose exec handler never finishes: each
+/// handler run records its pid in `pids` (killed by the reaper on drop) and
+/// touches `started`.
+struct HungHandler {
+    agent: Agent,
+    started: PathBuf,
+    pids: PathBuf,
+    /// Held (not read) until the test ends, after the agent: a test takes
+    /// `agent` and the paths out and leaves these in place.
+    _reaper: Reaper,
+    _work: tempfile::TempDir,
+}
+
+impl HungHandler {
+    /// Starts the agent and waits until it consumes `queue`.
+    fn start(url: &str, queue: &str) -> HungHandler {
+        let work = tempfile::tempdir().expect("tempdir");
+        let (started, pids) = (work.path().join("started"), work.path().join("pids"));
+        let reaper = Reaper(pids.clone());
+        let script = format!(
+            "echo $$ >> {}; touch {}; exec sleep 600",
+            sh_path(&pids),
+            sh_path(&started)
+        );
+        let agent = Agent::builder(BIN)
+            .consuming(url, queue)
+            .exec_handler(&script)
+            .set_str("consumer", "handler_timeout", "10m")
+            .start();
+        wait_consuming(&agent, queue);
+        HungHandler {
+            agent,
+            started,
+            pids,
+            _reaper: reaper,
+            _work: work,
+        }
+    }
+}
+
 /// A second signal ends the agent at once, even while the drain waits for
 /// a consumer handler that will not finish.
 #[test]
@@ -77,20 +117,8 @@ fn a_second_signal_exits_at_once() {
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
     let queue = cleanup.queue(amqp::unique("second-signal"));
-    let work = tempfile::tempdir().expect("tempdir");
-    let (started, pids) = (work.path().join("started"), work.path().join("pids"));
-    let _reaper = Reaper(pids.clone());
-    let script = format!(
-        "echo $$ >> {}; touch {}; exec sleep 600",
-        sh_path(&pids),
-        sh_path(&started)
-    );
-    let mut agent = Agent::builder(BIN)
-        .consuming(&url, &queue)
-        .exec_handler(&script)
-        .set_str("consumer", "handler_timeout", "10m")
-        .start();
-    wait_consuming(&agent, &queue);
+    let hung = HungHandler::start(&url, &queue);
+    let (mut agent, started) = (hung.agent, hung.started);
     ok_id(&agent.client().submit("ex", "rk", json!(1)));
     rt.block_on(amqp::publish_with_id(&url, "", &queue, b"", Some("hang")));
     wait_until("the handler to start", consumer::DEADLINE, || {
@@ -304,20 +332,8 @@ fn sigterm_with_a_handler_past_the_drain_bound_gives_the_delivery_back() {
     let url = broker::default_url();
     let mut cleanup = Cleanup::new(&url);
     let queue = cleanup.queue(amqp::unique("con-term-long"));
-    let work = tempfile::tempdir().expect("tempdir");
-    let (started, pids) = (work.path().join("started"), work.path().join("pids"));
-    let _reaper = Reaper(pids.clone());
-    let script = format!(
-        "echo $$ >> {}; touch {}; exec sleep 600",
-        sh_path(&pids),
-        sh_path(&started)
-    );
-    let mut agent = Agent::builder(BIN)
-        .consuming(&url, &queue)
-        .exec_handler(&script)
-        .set_str("consumer", "handler_timeout", "10m")
-        .start();
-    wait_consuming(&agent, &queue);
+    let hung = HungHandler::start(&url, &queue);
+    let (mut agent, started, pids) = (hung.agent, hung.started, hung.pids);
     let id = amqp::unique("term-long");
     rt.block_on(amqp::publish_with_id(&url, "", &queue, b"", Some(&id)));
     wait_until("the handler to start", consumer::DEADLINE, || {
