@@ -15,7 +15,7 @@
 //! Run with `scripts/bench-rate` (or `cargo bench --bench rate`);
 //! `BENCH_MESSAGES` sets the message count (default 100000).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edge_outbox::store::now_ms;
 use edge_outbox_testkit::amqp::{declare_queue, delete_queue, queue_len};
@@ -93,26 +93,8 @@ fn agent_drain(url: &str, queue: &str, messages: usize, cap: Option<u64>) -> Dra
         next_try_time: Some(now),
     });
     agent.restart();
-    let reader = rusqlite::Connection::open_with_flags(
-        &agent.db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open db");
-    let deadline = Instant::now() + Duration::from_secs(1200);
-    loop {
-        let delivered: i64 = reader
-            .query_row(
-                "SELECT COUNT(*) FROM msg_log WHERE status = ?1",
-                [Status::Delivered],
-                |r| r.get(0),
-            )
-            .unwrap_or(0);
-        if delivered as usize >= messages {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the agent did not drain in time");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    agent.wait_all_delivered(messages as i64, Duration::from_secs(1200));
+    let reader = agent.db();
     let times: Vec<i64> = reader
         .prepare("SELECT update_time FROM msg_log WHERE status = ?1 ORDER BY update_time")
         .and_then(|mut s| {
