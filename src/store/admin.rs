@@ -24,9 +24,7 @@ use std::time::Duration;
 
 use rusqlite::{named_params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
-use super::error::open_error;
 use super::filter::RowFilter;
-use super::open::BUSY_TIMEOUT;
 use super::types::Move;
 use super::write::{purge_batch, reclaim_slice};
 use super::{now_ms, Database, PurgeCutoffs, Status, StatusCounts, StoreError};
@@ -80,14 +78,7 @@ impl Admin {
         if !path.exists() {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
-            .map_err(|e| open_error(path, e))?;
-        database.unlock(&conn)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .map_err(|e| database.first_read_error(e))?;
+        let conn = database.connect(OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         conn.execute_batch("PRAGMA synchronous = FULL")?;
         Ok(Admin { conn })
     }

@@ -18,8 +18,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OpenFlags};
 
+use super::error::open_error;
+use super::open::BUSY_TIMEOUT;
 use super::StoreError;
 use crate::config::StoreConfig;
 
@@ -93,6 +95,22 @@ impl Database {
             Some(key) => key.apply(conn),
             None => Ok(()),
         }
+    }
+
+    /// Opens an existing database with `flags`, keyed, with the busy
+    /// timeout, and reads it once: the header (garbage is "not a
+    /// database", and so is a wrong key) and the schema (a damaged one is
+    /// "malformed") fail here, as [`Database::first_read_error`] words them.
+    pub(crate) fn connect(&self, flags: OpenFlags) -> Result<Connection, StoreError> {
+        let conn = Connection::open_with_flags(&self.path, flags)
+            .map_err(|e| open_error(&self.path, e))?;
+        self.unlock(&conn)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(|e| self.first_read_error(e))?;
+        Ok(conn)
     }
 
     /// What a failed first read of the file means: "not a database" is a

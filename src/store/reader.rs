@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{named_params, params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{named_params, params, OpenFlags, OptionalExtension};
 
 use super::error::open_error;
 use super::filter::{ListOrder, RowFilter};
@@ -123,16 +123,9 @@ fn probe(database: &Database) -> Result<(), StoreError> {
     }
     // SQLite says only "unable to open database file"; the OS says why.
     std::fs::File::open(path).map_err(|e| open_error(path, e))?;
-    let conn = Connection::open_with_flags(path, READ_FLAGS).map_err(|e| open_error(path, e))?;
-    database.unlock(&conn)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    // The first read checks the header (garbage is "not a database") and
-    // parses the schema (a damaged one is "malformed").
-    conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| {
-        r.get::<_, i64>(0)
-    })
-    .map_err(|e| match database.first_read_error(e) {
-        e @ (StoreError::Corrupt { .. } | StoreError::WrongKey { .. }) => e,
+    database.connect(READ_FLAGS).map_err(|e| match e {
+        e
+        @ (StoreError::Corrupt { .. } | StoreError::WrongKey { .. } | StoreError::Open { .. }) => e,
         other => open_error(path, other),
     })?;
     Ok(())
